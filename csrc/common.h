@@ -1,0 +1,128 @@
+// Shared by every backend: argument checks (one place, same messages as the
+// Python wrapper) and small layout helpers. Nothing here is CPU- or CUDA-specific.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <c10/util/irange.h>
+
+#include <string>
+
+namespace terminator {
+
+// Activations are (B, C, *S) with S = (L,) or (H, W).
+inline int64_t spatial_dims(const at::Tensor& t) { return t.dim() - 2; }
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()),
+                   name, " must be a floating-point tensor (float32, float64, float16 or "
+                   "bfloat16), got ", t.scalar_type());
+}
+
+inline void check_activation(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 3 || t.dim() == 4, name,
+                    " must have shape (B, C, L) or (B, C, H, W), got ", t.sizes());
+  check_floating(t, name);
+}
+
+inline void check_same_device_dtype(const at::Tensor& t, const char* name,
+                                    const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on the same device as ",
+                    ref_name, " (", ref.device(), "), got ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " must have the same dtype as ",
+                   ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
+}
+
+// A kernel for activations `x` (B, C, *S) is (C, *K), (1, C, *K) or (B, C, *K).
+// Returns its batch size: 1 for a shared kernel, B for per-sample kernels.
+inline int64_t check_kernel(const at::Tensor& kernel, const char* name, const at::Tensor& x,
+                            const char* x_name, bool full_size) {
+  check_floating(kernel, name);
+  check_same_device_dtype(kernel, name, x, x_name);
+  const int64_t d = spatial_dims(x);
+  const int64_t B = x.size(0), C = x.size(1);
+  const bool batched = kernel.dim() == x.dim();
+  TORCH_CHECK_VALUE(batched || kernel.dim() == x.dim() - 1, name, " must have shape (C, *K), "
+                    "(1, C, *K) or (B, C, *K) with ", d, " spatial dim(s) like ", x_name, " ",
+                    x.sizes(), ", got ", kernel.sizes());
+  const int64_t kb = batched ? kernel.size(0) : 1;
+  TORCH_CHECK_VALUE(kb == 1 || kb == B, name, " batch size must be 1 or B=", B, " (", x_name,
+                    " ", x.sizes(), "), got ", kernel.sizes());
+  const int64_t off = batched ? 1 : 0;
+  TORCH_CHECK_VALUE(kernel.size(off) == C, name, " must have C=", C, " channels like ", x_name,
+                    " ", x.sizes(), ", got ", kernel.sizes());
+  for (const auto i : c10::irange(d)) {
+    const int64_t k = kernel.size(off + 1 + i), s = x.size(2 + i);
+    if (full_size) {
+      TORCH_CHECK_VALUE(k == s, name, " must have the spatial size of ", x_name, " ",
+                        x.sizes(), ", got ", kernel.sizes());
+    } else {
+      TORCH_CHECK_VALUE(k >= 1 && k <= s, name, " spatial size must be between 1 and the input "
+                        "size ", x.sizes().slice(2), " in every dim, got ", kernel.sizes());
+    }
+  }
+  return kb;
+}
+
+enum class GlobalMode { Dot, Matmul, Conv };
+
+inline GlobalMode parse_mode(c10::string_view mode) {
+  if (mode == "dot") return GlobalMode::Dot;
+  if (mode == "matmul") return GlobalMode::Matmul;
+  if (mode == "conv") return GlobalMode::Conv;
+  TORCH_CHECK_VALUE(false, "mode must be one of 'dot', 'matmul', 'conv', got '",
+                    std::string(mode), "'");
+}
+
+// Checks hyperzzw_global's arguments; returns the kernel's batch size (1 or B).
+inline int64_t check_global_args(const at::Tensor& k, const at::Tensor& z,
+                                 const std::optional<at::Tensor>& x, GlobalMode mode) {
+  check_activation(z, "z");
+  if (x.has_value()) {
+    check_same_device_dtype(*x, "x", z, "z");
+    TORCH_CHECK_VALUE(x->sizes() == z.sizes(), "x must have the shape of z ", z.sizes(),
+                      ", got ", x->sizes());
+  }
+  if (mode == GlobalMode::Matmul) {
+    TORCH_CHECK_VALUE(z.dim() == 4 && z.size(2) == z.size(3), "mode='matmul' needs square 2D "
+                      "activations z (B, C, H, W) with H == W, got ", z.sizes());
+  }
+  return check_kernel(k, "k", z, "z", /*full_size=*/true);
+}
+
+// Checks hyperkernel_conv's arguments; returns the kernel's batch size (1 or B).
+inline int64_t check_conv_args(const at::Tensor& x, const at::Tensor& w) {
+  check_activation(x, "x");
+  return check_kernel(w, "w", x, "x", /*full_size=*/false);
+}
+
+// Kernel (C,*K) / (1,C,*K) / (B,C,*K) -> contiguous (Bk, C, Kh, Kw).
+inline at::Tensor kernel_planes(const at::Tensor& kernel, int64_t data_dim) {
+  at::Tensor k = kernel.dim() == data_dim + 1 ? kernel.unsqueeze(0) : kernel;
+  if (data_dim == 1) k = k.unsqueeze(2);
+  return k.contiguous();
+}
+
+// Activation (B,C,*S) -> contiguous (B, C, H, W).
+inline at::Tensor activation_planes(const at::Tensor& x) {
+  return (x.dim() == 3 ? x.unsqueeze(2) : x).contiguous();
+}
+
+// Smallest n >= m whose only prime factors are 2, 3, 5 and 7: fast FFT sizes.
+inline int64_t good_fft_size(int64_t m) {
+  for (int64_t n = std::max<int64_t>(m, 1);; ++n) {
+    int64_t r = n;
+    for (int64_t p : {2, 3, 5, 7}) {
+      while (r % p == 0) r /= p;
+    }
+    if (r == 1) return n;
+  }
+}
+
+// "same" cross-correlation pads ⌊(K−1)/2⌋ before (PyTorch's padding="same").
+inline int64_t same_pad_before(int64_t kernel_size) { return (kernel_size - 1) / 2; }
+
+// float16 / bfloat16 are computed in float32; float32 and float64 in themselves.
+inline at::ScalarType compute_dtype(at::ScalarType t) { return at::toOpMathType(t); }
+
+}  // namespace terminator

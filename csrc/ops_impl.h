@@ -1,0 +1,173 @@
+// The ops as the dispatcher sees them, written once for every device. Each
+// backend supplies a `Kernels` struct with the device-specific pieces:
+//
+//   // k (Bk, C, N), z / x / grad_y (B, C, N), contiguous; x undefined = "x is z".
+//   static at::Tensor global_dot_forward(k, z, x);
+//   static std::tuple<Tensor, Tensor, Tensor> global_dot_backward(grad_y, k, z, x);
+//       // -> (grad_k (Bk, C, N), grad_z, grad_x or undefined)
+//   // x / grad_y (B, C, H, W), w (Bk, C, Kh, Kw), contiguous.
+//   static at::Tensor conv_direct_forward(x, w);
+//   static at::Tensor conv_direct_input_grad(grad_y, w);   // -> (B, C, H, W)
+//   static at::Tensor conv_direct_weight_grad(grad_y, x, w);   // -> like w
+//
+// cpu/kernels.cpp and cuda/kernels.cu instantiate these templates.
+#pragma once
+
+#include "common.h"
+#include "fft_conv.h"
+
+#include <cmath>
+#include <tuple>
+
+namespace terminator {
+
+enum class ConvAlgo { Auto, Direct, Fft };
+
+inline ConvAlgo parse_algo(c10::string_view algo) {
+  if (algo == "auto") return ConvAlgo::Auto;
+  if (algo == "direct") return ConvAlgo::Direct;
+  if (algo == "fft") return ConvAlgo::Fft;
+  TORCH_CHECK_VALUE(false, "algo must be one of 'auto', 'direct', 'fft', got '",
+                    std::string(algo), "'");
+}
+
+// algo="auto": direct costs H·W·Kh·Kw multiply-adds per plane, the FFT path
+// about kFftCostPerPoint · n·log2(n) for n padded points (three transforms plus
+// padding). The constant is the crossover measured by tools/bench_ops.py
+// --crossover on the 2-core development machine (see docs/PERFORMANCE.md).
+constexpr double kFftCostPerPoint = 6.0;
+
+inline bool prefer_fft(int64_t H, int64_t W, int64_t Kh, int64_t Kw) {
+  const int64_t nh = H == 1 ? 1 : good_fft_size(H + Kh - 1 - same_pad_before(Kh));
+  const int64_t nw = good_fft_size(W + Kw - 1 - same_pad_before(Kw));
+  const double points = double(nh) * double(nw);
+  const double direct = double(H) * double(W) * double(Kh) * double(Kw);
+  return kFftCostPerPoint * points * std::log2(points + 1.0) < direct;
+}
+
+inline bool use_fft(ConvAlgo algo, const at::Tensor& x4, const at::Tensor& w4) {
+  if (algo == ConvAlgo::Auto) return prefer_fft(x4.size(2), x4.size(3), w4.size(2), w4.size(3));
+  return algo == ConvAlgo::Fft;
+}
+
+// Gradient of a kernel shaped like `like` (C,*K) / (1,C,*K) / (B,C,*K) from planes.
+inline at::Tensor kernel_grad_like(const at::Tensor& grad_planes, const at::Tensor& like) {
+  return grad_planes.reshape(like.sizes());
+}
+
+template <class Kernels>
+struct Ops {
+  // ---- hyperkernel_conv ---------------------------------------------------
+  static at::Tensor conv_planes(const at::Tensor& x4, const at::Tensor& w4, ConvAlgo algo) {
+    if (use_fft(algo, x4, w4)) return conv_fft_forward(x4, w4);
+    return Kernels::conv_direct_forward(x4, w4);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> conv_planes_backward(const at::Tensor& gy4,
+                                                                 const at::Tensor& x4,
+                                                                 const at::Tensor& w4,
+                                                                 ConvAlgo algo) {
+    if (use_fft(algo, x4, w4)) return conv_fft_backward(gy4, x4, w4);
+    return {Kernels::conv_direct_input_grad(gy4, w4),
+            Kernels::conv_direct_weight_grad(gy4, x4, w4)};
+  }
+
+  static at::Tensor hyperkernel_conv(const at::Tensor& x, const at::Tensor& w,
+                                     c10::string_view algo) {
+    const auto a = parse_algo(algo);
+    check_conv_args(x, w);
+    const int64_t d = spatial_dims(x);
+    auto y4 = conv_planes(activation_planes(x), kernel_planes(w, d), a);
+    return y4.view(x.sizes());
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> hyperkernel_conv_backward(
+      const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w, c10::string_view algo) {
+    const auto a = parse_algo(algo);
+    check_conv_args(x, w);
+    check_same_device_dtype(grad_y, "grad_y", x, "x");
+    TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), "grad_y must have the shape of x ",
+                      x.sizes(), ", got ", grad_y.sizes());
+    const int64_t d = spatial_dims(x);
+    auto [gx4, gw4] =
+        conv_planes_backward(activation_planes(grad_y), activation_planes(x), kernel_planes(w, d), a);
+    return {gx4.view(x.sizes()), kernel_grad_like(gw4, w)};
+  }
+
+  // ---- hyperzzw_global ----------------------------------------------------
+  static at::Tensor hyperzzw_global(const at::Tensor& k, const at::Tensor& z,
+                                    const std::optional<at::Tensor>& x, c10::string_view mode) {
+    const auto m = parse_mode(mode);
+    const int64_t kb = check_global_args(k, z, x, m);
+    const int64_t d = spatial_dims(z), B = z.size(0), C = z.size(1);
+    const auto k4 = kernel_planes(k, d);  // (Bk, C, H, W)
+    const auto z4 = activation_planes(z);
+    const auto x4 = x.has_value() ? activation_planes(*x) : at::Tensor();
+    switch (m) {
+      case GlobalMode::Dot: {
+        auto y = Kernels::global_dot_forward(k4.view({kb, C, -1}), z4.view({B, C, -1}),
+                                             x4.defined() ? x4.view({B, C, -1}) : x4);
+        return y.view(z.sizes());
+      }
+      case GlobalMode::Matmul: {
+        const auto dtype = compute_dtype(z.scalar_type());
+        auto w_hat = k4.to(dtype) * z4.to(dtype);
+        auto y = at::matmul(w_hat, x4.defined() ? x4.to(dtype) : z4.to(dtype));
+        return y.to(z.scalar_type()).contiguous();
+      }
+      case GlobalMode::Conv: {
+        auto y4 = conv_planes(x4.defined() ? x4 : z4, k4 * z4, ConvAlgo::Auto);
+        return y4.view(z.sizes());
+      }
+    }
+    TORCH_INTERNAL_ASSERT(false, "unreachable");
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> hyperzzw_global_backward(
+      const at::Tensor& grad_y, const at::Tensor& k, const at::Tensor& z,
+      const std::optional<at::Tensor>& x, c10::string_view mode) {
+    const auto m = parse_mode(mode);
+    const int64_t kb = check_global_args(k, z, x, m);
+    check_same_device_dtype(grad_y, "grad_y", z, "z");
+    TORCH_CHECK_VALUE(grad_y.sizes() == z.sizes(), "grad_y must have the shape of z ",
+                      z.sizes(), ", got ", grad_y.sizes());
+    const int64_t d = spatial_dims(z), B = z.size(0), C = z.size(1);
+    const auto k4 = kernel_planes(k, d);
+    const auto z4 = activation_planes(z);
+    const auto x4 = x.has_value() ? activation_planes(*x) : at::Tensor();
+    const auto gy4 = activation_planes(grad_y);
+    const auto no_grad_x = at::empty({0}, z.options());
+
+    if (m == GlobalMode::Dot) {
+      auto [gk, gz, gx] = Kernels::global_dot_backward(
+          gy4.view({B, C, -1}), k4.view({kb, C, -1}), z4.view({B, C, -1}),
+          x4.defined() ? x4.view({B, C, -1}) : x4);
+      return {kernel_grad_like(gk, k), gz.view(z.sizes()),
+              gx.defined() ? gx.view(z.sizes()) : no_grad_x};
+    }
+
+    // matmul and conv: y = op(Ŵ, x) with Ŵ = k ⊙ z; first the gradients of Ŵ
+    // and x, then the chain rule through the elementwise product.
+    const auto dtype = compute_dtype(z.scalar_type());
+    const auto u4 = x4.defined() ? x4 : z4;  // what Ŵ acts on
+    at::Tensor g_what, g_u;
+    if (m == GlobalMode::Matmul) {
+      const auto w_hat = k4.to(dtype) * z4.to(dtype);
+      const auto gy = gy4.to(dtype);
+      g_what = at::matmul(gy, u4.to(dtype).transpose(-1, -2));
+      g_u = at::matmul(w_hat.transpose(-1, -2), gy);
+    } else {
+      std::tie(g_u, g_what) = conv_planes_backward(gy4, u4, k4 * z4, ConvAlgo::Auto);
+      g_what = g_what.to(dtype), g_u = g_u.to(dtype);
+    }
+    auto gk = g_what * z4.to(dtype);
+    if (kb == 1) gk = gk.sum(0, /*keepdim=*/true);
+    auto gz = g_what * k4.to(dtype);
+    if (!x4.defined()) gz = gz + g_u;
+    const auto out = z.scalar_type();
+    return {kernel_grad_like(gk.to(out).contiguous(), k), gz.to(out).contiguous().view(z.sizes()),
+            x4.defined() ? g_u.to(out).contiguous().view(z.sizes()) : no_grad_x};
+  }
+};
+
+}  // namespace terminator
