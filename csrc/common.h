@@ -14,7 +14,7 @@ namespace terminator {
 inline int64_t spatial_dims(const at::Tensor& t) { return t.dim() - 2; }
 
 inline void check_floating(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()),
+  TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()),
                    name, " must be a floating-point tensor (float32, float64, float16 or "
                    "bfloat16), got ", t.scalar_type());
 }
@@ -29,7 +29,7 @@ inline void check_same_device_dtype(const at::Tensor& t, const char* name,
                                     const at::Tensor& ref, const char* ref_name) {
   TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on the same device as ",
                     ref_name, " (", ref.device(), "), got ", t.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " must have the same dtype as ",
+  TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), name, " must have the same dtype as ",
                    ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
 }
 

@@ -52,7 +52,9 @@ at::Tensor conv_fft_forward(const at::Tensor& x, const at::Tensor& w) {
   const auto g = geometry(x, w);
   const auto dtype = compute_dtype(x.scalar_type());
   // y[p] = Σ_q w[q] x[p + q - P]: correlation = product with the conjugate spectrum.
-  auto y_spec = spectrum(x, g, dtype) * spectrum_of_kernel(w, g, dtype).conj();
+  // conj_physical, not conj(): the lazy conjugate bit was lost under AOTAutograd
+  // (opcheck's test_aot_dispatch_dynamic gave the convolution instead).
+  auto y_spec = spectrum(x, g, dtype) * at::conj_physical(spectrum_of_kernel(w, g, dtype));
   auto y = inverse(y_spec, g).narrow(2, 0, g.H).narrow(3, 0, g.W);
   return y.to(x.scalar_type()).contiguous();
 }
@@ -72,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> conv_fft_backward(const at::Tensor& grad_y,
                     .narrow(2, 0, g.H).narrow(3, 0, g.W);
   // grad_w[q] = Σ_p gy[p] x[p + q - P]; a shared kernel sums over the batch in
   // the frequency domain, so only one inverse transform per channel is needed.
-  auto w_spec = gy_spec.conj() * spectrum(x, g, dtype);
+  auto w_spec = at::conj_physical(gy_spec) * spectrum(x, g, dtype);
   if (w.size(0) == 1) w_spec = w_spec.sum(0, /*keepdim=*/true);
   auto grad_w = at::roll(inverse(w_spec, g), {g.ph, g.pw}, {2, 3})
                     .narrow(2, 0, g.Kh).narrow(3, 0, g.Kw);

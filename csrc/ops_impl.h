@@ -102,11 +102,12 @@ struct Ops {
     const int64_t d = spatial_dims(z), B = z.size(0), C = z.size(1);
     const auto k4 = kernel_planes(k, d);  // (Bk, C, H, W)
     const auto z4 = activation_planes(z);
+    const int64_t N = z4.size(2) * z4.size(3);
     const auto x4 = x.has_value() ? activation_planes(*x) : at::Tensor();
     switch (m) {
       case GlobalMode::Dot: {
-        auto y = Kernels::global_dot_forward(k4.view({kb, C, -1}), z4.view({B, C, -1}),
-                                             x4.defined() ? x4.view({B, C, -1}) : x4);
+        auto y = Kernels::global_dot_forward(k4.view({kb, C, N}), z4.view({B, C, N}),
+                                             x4.defined() ? x4.view({B, C, N}) : x4);
         return y.view(z.sizes());
       }
       case GlobalMode::Matmul: {
@@ -134,14 +135,15 @@ struct Ops {
     const int64_t d = spatial_dims(z), B = z.size(0), C = z.size(1);
     const auto k4 = kernel_planes(k, d);
     const auto z4 = activation_planes(z);
+    const int64_t N = z4.size(2) * z4.size(3);
     const auto x4 = x.has_value() ? activation_planes(*x) : at::Tensor();
     const auto gy4 = activation_planes(grad_y);
     const auto no_grad_x = at::empty({0}, z.options());
 
     if (m == GlobalMode::Dot) {
       auto [gk, gz, gx] = Kernels::global_dot_backward(
-          gy4.view({B, C, -1}), k4.view({kb, C, -1}), z4.view({B, C, -1}),
-          x4.defined() ? x4.view({B, C, -1}) : x4);
+          gy4.view({B, C, N}), k4.view({kb, C, N}), z4.view({B, C, N}),
+          x4.defined() ? x4.view({B, C, N}) : x4);
       return {kernel_grad_like(gk, k), gz.view(z.sizes()),
               gx.defined() ? gx.view(z.sizes()) : no_grad_x};
     }

@@ -1,0 +1,313 @@
+"""Every op against terminator.ops.reference: values, gradients, dtypes, layouts.
+
+Runs on whichever backend is active (C++ by default; TERMINATOR_BACKEND=reference
+runs the same tests on the pure-PyTorch fallback).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import terminator.ops as ops
+from helpers import (
+    check_against_reference,
+    conv_inputs,
+    global_inputs,
+    global_ref,
+    kernel_shape,
+)
+from terminator.ops import reference
+
+KERNEL_FORMS = ["C", "1C", "BC"]
+EXACT_DTYPES = [torch.float64, torch.float32]
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+
+
+def ours_global(mode):
+    return lambda k, z, x: ops.hyperzzw_global(k, z, x, mode=mode)
+
+
+def ours_conv(algo):
+    return lambda x, w: ops.hyperkernel_conv(x, w, algo=algo)
+
+
+@st.composite
+def global_cases(draw):
+    dim = draw(st.sampled_from([1, 2]))
+    mode = draw(st.sampled_from(["dot", "conv", "matmul"] if dim == 2 else ["dot", "conv"]))
+    if dim == 1:
+        spatial = (draw(st.integers(1, 40)),)
+    else:
+        h = draw(st.integers(1, 12))
+        spatial = (h, h if mode == "matmul" else draw(st.integers(1, 12)))
+    return dict(
+        batch=draw(st.integers(0, 3)),
+        channels=draw(st.integers(1, 4)),
+        spatial=spatial,
+        form=draw(st.sampled_from(KERNEL_FORMS)),
+        has_x=draw(st.booleans()),
+        mode=mode,
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@st.composite
+def conv_cases(draw):
+    dim = draw(st.sampled_from([1, 2]))
+    spatial = tuple(draw(st.integers(1, 40 if dim == 1 else 12)) for _ in range(dim))
+    kernel = tuple(draw(st.integers(1, s)) for s in spatial)
+    return dict(
+        batch=draw(st.integers(0, 3)),
+        channels=draw(st.integers(1, 4)),
+        spatial=spatial,
+        kernel=kernel,
+        form=draw(st.sampled_from(KERNEL_FORMS)),
+        algo=draw(st.sampled_from(["auto", "direct", "fft"])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+# ---- values and gradients against the reference ----------------------------------
+
+
+@pytest.mark.parametrize("dtype", EXACT_DTYPES)
+@given(case=global_cases())
+def test_global_matches_reference(case, dtype):
+    k, z, x = global_inputs(case["batch"], case["channels"], case["spatial"], case["form"], case["has_x"],
+                            dtype, case["seed"])
+    check_against_reference(ours_global(case["mode"]), global_ref(case["mode"]), (k, z, x), "kzx", dtype)
+
+
+@pytest.mark.parametrize("dtype", EXACT_DTYPES)
+@given(case=conv_cases())
+def test_conv_matches_reference(case, dtype):
+    x, w = conv_inputs(case["batch"], case["channels"], case["spatial"], case["kernel"], case["form"],
+                       dtype, case["seed"])
+    check_against_reference(ours_conv(case["algo"]), reference.conv_same, (x, w), "xw", dtype)
+
+
+# The network's real sizes: 28×28 and 32×32 images, 784- and 40-long sequences.
+REAL_SIZES = [(2, 3, (28, 28)), (2, 3, (32, 32)), (2, 3, (784,)), (3, 2, (40,))]
+
+
+@pytest.mark.parametrize("dtype", EXACT_DTYPES + HALF_DTYPES)
+@pytest.mark.parametrize("batch,channels,spatial", REAL_SIZES)
+@pytest.mark.parametrize("mode", ["dot", "matmul", "conv"])
+@pytest.mark.parametrize("has_x", [False, True])
+def test_global_real_sizes_and_dtypes(batch, channels, spatial, mode, has_x, dtype):
+    if mode == "matmul" and len(spatial) == 1:
+        pytest.skip("matmul is 2D only")
+    for form in KERNEL_FORMS:
+        k, z, x = global_inputs(batch, channels, spatial, form, has_x, dtype, seed=1)
+        check_against_reference(ours_global(mode), global_ref(mode), (k, z, x), "kzx", dtype)
+
+
+@pytest.mark.parametrize("dtype", EXACT_DTYPES + HALF_DTYPES)
+@pytest.mark.parametrize("batch,channels,spatial", REAL_SIZES)
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 9])
+@pytest.mark.parametrize("algo", ["auto", "direct", "fft"])
+def test_conv_real_sizes_and_dtypes(batch, channels, spatial, size, algo, dtype):
+    kernel = tuple(min(size, s) for s in spatial)
+    for form in KERNEL_FORMS:
+        x, w = conv_inputs(batch, channels, spatial, kernel, form, dtype, seed=2)
+        check_against_reference(ours_conv(algo), reference.conv_same, (x, w), "xw", dtype)
+
+
+@pytest.mark.parametrize("algo", ["direct", "fft"])
+def test_direct_and_fft_agree_on_full_size_kernels(algo):
+    x, w = conv_inputs(2, 3, (28, 28), (28, 28), "BC", torch.float64, seed=3)
+    check_against_reference(ours_conv(algo), reference.conv_same, (x, w), "xw", torch.float64)
+
+
+# ---- layouts: any strides give the values of contiguous inputs ---------------------
+
+
+def _layouts(t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Views of t's values with other strides."""
+    views = {
+        "sliced": torch.stack([t, torch.full_like(t, float("nan"))], dim=-1)[..., 0],
+        "transposed": t.transpose(-1, -2).contiguous().transpose(-1, -2) if t.dim() >= 2 else t,
+    }
+    if t.dim() == 4:
+        views["channels_last"] = t.contiguous(memory_format=torch.channels_last)
+    return views
+
+
+@pytest.mark.parametrize("spatial", [(6, 5), (5, 5), (9,)])
+@pytest.mark.parametrize("mode", ["dot", "matmul", "conv"])
+def test_global_any_strides(spatial, mode):
+    if mode == "matmul" and (len(spatial) != 2 or spatial[0] != spatial[1]):
+        pytest.skip("matmul needs 2D with H == W")
+    k, z, x = global_inputs(3, 4, spatial, "1C", True, torch.float64, seed=4)
+    expected = ops.hyperzzw_global(k, z, x, mode=mode)
+    for name, kv in _layouts(k).items():
+        for name_z, zv in _layouts(z).items():
+            got = ops.hyperzzw_global(kv, zv, _layouts(x)[name], mode=mode)
+            torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13, msg=f"k {name}, z {name_z}")
+    # An expanded kernel (stride 0 over the batch) and expanded activations.
+    got = ops.hyperzzw_global(k.expand(3, *k.shape[1:]), z[:1].expand_as(z), x, mode=mode)
+    torch.testing.assert_close(got, ops.hyperzzw_global(k.expand(3, *k.shape[1:]).contiguous(),
+                                                        z[:1].expand_as(z).contiguous(), x, mode=mode))
+
+
+@pytest.mark.parametrize("spatial,kernel", [((7, 6), (3, 4)), ((11,), (5,))])
+@pytest.mark.parametrize("algo", ["direct", "fft"])
+def test_conv_any_strides(spatial, kernel, algo):
+    x, w = conv_inputs(3, 4, spatial, kernel, "BC", torch.float64, seed=5)
+    expected = ops.hyperkernel_conv(x, w, algo=algo)
+    for name, xv in _layouts(x).items():
+        for name_w, wv in _layouts(w).items():
+            got = ops.hyperkernel_conv(xv, wv, algo=algo)
+            torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13, msg=f"x {name}, w {name_w}")
+    shared = w[:1]
+    got = ops.hyperkernel_conv(x, shared.expand_as(w), algo=algo)
+    torch.testing.assert_close(got, ops.hyperkernel_conv(x, shared, algo=algo), rtol=1e-13, atol=1e-13)
+
+
+def test_expanded_input_gradient_is_reduced():
+    """A kernel broadcast by expand gets its gradient summed over the batch."""
+    k, z, x = global_inputs(4, 3, (5, 5), "1C", True, torch.float64, seed=6)
+    k1 = k.clone().requires_grad_()
+    k2 = k.clone().requires_grad_()
+    ops.hyperzzw_global(k1.expand(4, -1, -1, -1), z, x, mode="conv").sum().backward()
+    ops.hyperzzw_global(k2, z, x, mode="conv").sum().backward()
+    torch.testing.assert_close(k1.grad, k2.grad)
+
+
+# ---- empty batches -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", KERNEL_FORMS)
+@pytest.mark.parametrize("mode", ["dot", "matmul", "conv"])
+def test_global_empty_batch(form, mode):
+    k, z, x = global_inputs(0, 3, (4, 4), form, True, torch.float32, seed=7)
+    k.requires_grad_(), z.requires_grad_(), x.requires_grad_()
+    y = ops.hyperzzw_global(k, z, x, mode=mode)
+    assert y.shape == (0, 3, 4, 4)
+    y.sum().backward()
+    assert k.grad.shape == k.shape and torch.all(k.grad == 0)
+    assert z.grad.shape == z.shape and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("form", KERNEL_FORMS)
+@pytest.mark.parametrize("algo", ["direct", "fft"])
+def test_conv_empty_batch(form, algo):
+    x, w = conv_inputs(0, 2, (9,), (3,), form, torch.float32, seed=8)
+    x.requires_grad_(), w.requires_grad_()
+    y = ops.hyperkernel_conv(x, w, algo=algo)
+    assert y.shape == (0, 2, 9)
+    y.sum().backward()
+    assert w.grad.shape == w.shape and torch.all(w.grad == 0)
+
+
+# ---- float64 gradcheck of every input, and of the gradients themselves --------------
+
+GRADCHECK_GLOBAL = [
+    (mode, spatial, form, has_x)
+    for mode, spatial in [("dot", (5,)), ("dot", (3, 4)), ("conv", (6,)), ("conv", (4, 3)), ("matmul", (3, 3))]
+    for form in KERNEL_FORMS
+    for has_x in (False, True)
+]
+
+
+@pytest.mark.parametrize("mode,spatial,form,has_x", GRADCHECK_GLOBAL)
+def test_global_gradcheck(mode, spatial, form, has_x):
+    for seed in range(2):
+        k, z, x = global_inputs(2, 2, spatial, form, has_x, torch.float64, seed)
+        inputs = [t.requires_grad_() for t in (k, z, x) if t is not None]
+        fn = (lambda k, z, x: ops.hyperzzw_global(k, z, x, mode=mode)) if has_x else (
+            lambda k, z: ops.hyperzzw_global(k, z, mode=mode))
+        assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("algo", ["direct", "fft"])
+@pytest.mark.parametrize("spatial,kernel", [((7,), (4,)), ((5, 6), (3, 2)), ((4, 4), (4, 4))])
+@pytest.mark.parametrize("form", KERNEL_FORMS)
+def test_conv_gradcheck(algo, spatial, kernel, form):
+    for seed in range(2):
+        x, w = conv_inputs(2, 2, spatial, kernel, form, torch.float64, seed)
+        fn = lambda x, w: ops.hyperkernel_conv(x, w, algo=algo)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x.requires_grad_(), w.requires_grad_()))
+
+
+@pytest.mark.parametrize("mode", ["dot", "matmul", "conv"])
+def test_global_gradgradcheck(mode):
+    k, z, x = global_inputs(2, 2, (3, 3), "1C", True, torch.float64, seed=9)
+    fn = lambda k, z, x: ops.hyperzzw_global(k, z, x, mode=mode)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, [t.requires_grad_() for t in (k, z, x)])
+    fn_zz = lambda k, z: ops.hyperzzw_global(k, z, mode=mode)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn_zz, [k, z])
+
+
+@pytest.mark.parametrize("algo", ["direct", "fft"])
+def test_conv_gradgradcheck(algo):
+    x, w = conv_inputs(2, 2, (5, 4), (3, 2), "C", torch.float64, seed=10)
+    fn = lambda x, w: ops.hyperkernel_conv(x, w, algo=algo)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (x.requires_grad_(), w.requires_grad_()))
+
+
+# ---- the dispatcher: opcheck and torch.compile ----------------------------------------
+
+
+def _opcheck_samples():
+    for mode, spatial in [("dot", (5,)), ("dot", (4, 3)), ("conv", (5, 4)), ("matmul", (4, 4)), ("conv", (7,))]:
+        for form in KERNEL_FORMS:
+            for has_x in (False, True):
+                k, z, x = global_inputs(2, 3, spatial, form, has_x, torch.float32, seed=11)
+                yield "hyperzzw_global", (k, z, x, mode)
+    for algo in ["direct", "fft", "auto"]:
+        for form in KERNEL_FORMS:
+            x, w = conv_inputs(2, 3, (6, 5), (3, 2), form, torch.float32, seed=12)
+            yield "hyperkernel_conv", (x, w, algo)
+    k, z, x = global_inputs(0, 3, (4, 4), "C", True, torch.float32, seed=13)
+    yield "hyperzzw_global", (k, z, x, "dot")
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(compiled, requires_grad):
+    for name, args in _opcheck_samples():
+        args = tuple(a.clone().requires_grad_(requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(getattr(torch.ops.terminator, name).default, args)
+
+
+def test_opcheck_backward_ops(compiled):
+    k, z, x = global_inputs(2, 3, (4, 4), "1C", True, torch.float32, seed=14)
+    for mode in ["dot", "matmul", "conv"]:
+        torch.library.opcheck(torch.ops.terminator.hyperzzw_global_backward.default, (torch.randn_like(z), k, z, x, mode))
+        torch.library.opcheck(torch.ops.terminator.hyperzzw_global_backward.default, (torch.randn_like(z), k, z, None, mode))
+    x, w = conv_inputs(2, 3, (6, 5), (3, 2), "C", torch.float32, seed=15)
+    for algo in ["direct", "fft"]:
+        torch.library.opcheck(torch.ops.terminator.hyperkernel_conv_backward.default, (torch.randn_like(x), x, w, algo))
+
+
+class _TinyHyperNet(torch.nn.Module):
+    """Every op and mode in one small differentiable model."""
+
+    def __init__(self, channels: int, size: int):
+        super().__init__()
+        gen = torch.Generator().manual_seed(16)
+        self.k = torch.nn.Parameter(torch.randn(channels, size, size, generator=gen))
+        self.w = torch.nn.Parameter(torch.randn(1, channels, 3, 3, generator=gen))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        a = ops.hyperzzw_global(self.k, z, mode="dot")
+        b = ops.hyperzzw_global(self.k, torch.tanh(a), z, mode="matmul")
+        c = ops.hyperzzw_global(self.k, torch.tanh(b), mode="conv")
+        return ops.hyperkernel_conv(torch.tanh(c), self.w, algo="direct") + ops.hyperkernel_conv(c, self.w, algo="fft")
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    model = _TinyHyperNet(3, 6).double()
+    compiled_model = torch.compile(model, fullgraph=True)
+    z = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    eager_out = model(z)
+    eager_grads = torch.autograd.grad(eager_out.square().sum(), [z, model.k, model.w])
+    comp_out = compiled_model(z)
+    comp_grads = torch.autograd.grad(comp_out.square().sum(), [z, model.k, model.w])
+    torch.testing.assert_close(comp_out, eager_out)
+    for a, b in zip(comp_grads, eager_grads):
+        torch.testing.assert_close(a, b)
