@@ -10,18 +10,33 @@
 
 namespace terminator {
 
+// Shapes and dtypes printed as Python prints them, so both sides' messages match.
+inline std::string shape_str(c10::IntArrayRef sizes) {
+  std::string out = "(";
+  for (const auto i : c10::irange(sizes.size())) {
+    out += (i ? ", " : "") + std::to_string(sizes[i]);
+  }
+  return out + (sizes.size() == 1 ? ",)" : ")");
+}
+
+inline std::string dtype_str(at::ScalarType t) {
+  return "torch." + std::string(c10::getDtypeNames(t).first);
+}
+
 // Activations are (B, C, *S) with S = (L,) or (H, W).
 inline int64_t spatial_dims(const at::Tensor& t) { return t.dim() - 2; }
 
 inline void check_floating(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()),
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                        dtype == at::kBFloat16,
                    name, " must be a floating-point tensor (float32, float64, float16 or "
-                   "bfloat16), got ", t.scalar_type());
+                   "bfloat16), got ", dtype_str(t.scalar_type()));
 }
 
 inline void check_activation(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == 3 || t.dim() == 4, name,
-                    " must have shape (B, C, L) or (B, C, H, W), got ", t.sizes());
+                    " must have shape (B, C, L) or (B, C, H, W), got ", shape_str(t.sizes()));
   check_floating(t, name);
 }
 
@@ -30,7 +45,7 @@ inline void check_same_device_dtype(const at::Tensor& t, const char* name,
   TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on the same device as ",
                     ref_name, " (", ref.device(), "), got ", t.device());
   TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), name, " must have the same dtype as ",
-                   ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
+                   ref_name, " (", dtype_str(ref.scalar_type()), "), got ", dtype_str(t.scalar_type()));
 }
 
 // A kernel for activations `x` (B, C, *S) is (C, *K), (1, C, *K) or (B, C, *K).
@@ -44,21 +59,21 @@ inline int64_t check_kernel(const at::Tensor& kernel, const char* name, const at
   const bool batched = kernel.dim() == x.dim();
   TORCH_CHECK_VALUE(batched || kernel.dim() == x.dim() - 1, name, " must have shape (C, *K), "
                     "(1, C, *K) or (B, C, *K) with ", d, " spatial dim(s) like ", x_name, " ",
-                    x.sizes(), ", got ", kernel.sizes());
+                    shape_str(x.sizes()), ", got ", shape_str(kernel.sizes()));
   const int64_t kb = batched ? kernel.size(0) : 1;
   TORCH_CHECK_VALUE(kb == 1 || kb == B, name, " batch size must be 1 or B=", B, " (", x_name,
-                    " ", x.sizes(), "), got ", kernel.sizes());
+                    " ", shape_str(x.sizes()), "), got ", shape_str(kernel.sizes()));
   const int64_t off = batched ? 1 : 0;
   TORCH_CHECK_VALUE(kernel.size(off) == C, name, " must have C=", C, " channels like ", x_name,
-                    " ", x.sizes(), ", got ", kernel.sizes());
+                    " ", shape_str(x.sizes()), ", got ", shape_str(kernel.sizes()));
   for (const auto i : c10::irange(d)) {
     const int64_t k = kernel.size(off + 1 + i), s = x.size(2 + i);
     if (full_size) {
       TORCH_CHECK_VALUE(k == s, name, " must have the spatial size of ", x_name, " ",
-                        x.sizes(), ", got ", kernel.sizes());
+                        shape_str(x.sizes()), ", got ", shape_str(kernel.sizes()));
     } else {
       TORCH_CHECK_VALUE(k >= 1 && k <= s, name, " spatial size must be between 1 and the input "
-                        "size ", x.sizes().slice(2), " in every dim, got ", kernel.sizes());
+                        "size ", shape_str(x.sizes().slice(2)), " in every dim, got ", shape_str(kernel.sizes()));
     }
   }
   return kb;
@@ -80,12 +95,12 @@ inline int64_t check_global_args(const at::Tensor& k, const at::Tensor& z,
   check_activation(z, "z");
   if (x.has_value()) {
     check_same_device_dtype(*x, "x", z, "z");
-    TORCH_CHECK_VALUE(x->sizes() == z.sizes(), "x must have the shape of z ", z.sizes(),
-                      ", got ", x->sizes());
+    TORCH_CHECK_VALUE(x->sizes() == z.sizes(), "x must have the shape of z ", shape_str(z.sizes()),
+                      ", got ", shape_str(x->sizes()));
   }
   if (mode == GlobalMode::Matmul) {
     TORCH_CHECK_VALUE(z.dim() == 4 && z.size(2) == z.size(3), "mode='matmul' needs square 2D "
-                      "activations z (B, C, H, W) with H == W, got ", z.sizes());
+                      "activations z (B, C, H, W) with H == W, got ", shape_str(z.sizes()));
   }
   return check_kernel(k, "k", z, "z", /*full_size=*/true);
 }

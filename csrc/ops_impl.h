@@ -87,7 +87,7 @@ struct Ops {
     check_conv_args(x, w);
     check_same_device_dtype(grad_y, "grad_y", x, "x");
     TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), "grad_y must have the shape of x ",
-                      x.sizes(), ", got ", grad_y.sizes());
+                      shape_str(x.sizes()), ", got ", shape_str(grad_y.sizes()));
     const int64_t d = spatial_dims(x);
     auto [gx4, gw4] =
         conv_planes_backward(activation_planes(grad_y), activation_planes(x), kernel_planes(w, d), a);
@@ -131,7 +131,7 @@ struct Ops {
     const int64_t kb = check_global_args(k, z, x, m);
     check_same_device_dtype(grad_y, "grad_y", z, "z");
     TORCH_CHECK_VALUE(grad_y.sizes() == z.sizes(), "grad_y must have the shape of z ",
-                      z.sizes(), ", got ", grad_y.sizes());
+                      shape_str(z.sizes()), ", got ", shape_str(grad_y.sizes()));
     const int64_t d = spatial_dims(z), B = z.size(0), C = z.size(1);
     const auto k4 = kernel_planes(k, d);
     const auto z4 = activation_planes(z);

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The test command (README "Tests"; CI runs it through .ci/run).
+#   1. a virtual environment in .venv with the CPU build of torch and this package
+#   2. `terminator build`: compiles the C++ ops on the fly; in CI it must be the C++ backend
+#   3. every .cu compiled with nvcc against the CUDA build of torch's headers
+#   4. the op tests again on the pure-PyTorch fallback (TERMINATOR_BACKEND=reference)
+#   5. the whole suite on the compiled backend
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+# torch is pinned: 2.13.0's CPU wheel (a plain "torch" would pull a multi-GB CUDA build).
+.venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+
+echo "== terminator build"
+.venv/bin/python -m terminator build
+
+if [ -f tools/check_cuda.sh ]; then
+  echo "== CUDA compile check"
+  bash tools/check_cuda.sh
+fi
+
+echo "== op tests on the reference backend"
+TERMINATOR_BACKEND=reference .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_errors.py
+
+echo "== full suite on the compiled backend"
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
