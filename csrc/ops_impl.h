@@ -9,6 +9,8 @@
 //   static at::Tensor conv_direct_forward(x, w);
 //   static at::Tensor conv_direct_input_grad(grad_y, w);   // -> (B, C, H, W)
 //   static at::Tensor conv_direct_weight_grad(grad_y, x, w);   // -> like w
+//   // algo="auto": whether the FFT path beats the direct kernel on this device.
+//   static bool prefer_fft(int64_t H, int64_t W, int64_t Kh, int64_t Kw);
 //
 // cpu/kernels.cpp and cuda/kernels.cu instantiate these templates.
 #pragma once
@@ -31,25 +33,6 @@ inline ConvAlgo parse_algo(c10::string_view algo) {
                     std::string(algo), "'");
 }
 
-// algo="auto": direct costs H·W·Kh·Kw multiply-adds per plane, the FFT path
-// about kFftCostPerPoint · n·log2(n) for n padded points (three transforms plus
-// padding). The constant is the crossover measured by tools/bench_ops.py
-// --crossover on the 2-core development machine (see docs/PERFORMANCE.md).
-constexpr double kFftCostPerPoint = 6.0;
-
-inline bool prefer_fft(int64_t H, int64_t W, int64_t Kh, int64_t Kw) {
-  const int64_t nh = H == 1 ? 1 : good_fft_size(H + Kh - 1 - same_pad_before(Kh));
-  const int64_t nw = good_fft_size(W + Kw - 1 - same_pad_before(Kw));
-  const double points = double(nh) * double(nw);
-  const double direct = double(H) * double(W) * double(Kh) * double(Kw);
-  return kFftCostPerPoint * points * std::log2(points + 1.0) < direct;
-}
-
-inline bool use_fft(ConvAlgo algo, const at::Tensor& x4, const at::Tensor& w4) {
-  if (algo == ConvAlgo::Auto) return prefer_fft(x4.size(2), x4.size(3), w4.size(2), w4.size(3));
-  return algo == ConvAlgo::Fft;
-}
-
 // Gradient of a kernel shaped like `like` (C,*K) / (1,C,*K) / (B,C,*K) from planes.
 inline at::Tensor kernel_grad_like(const at::Tensor& grad_planes, const at::Tensor& like) {
   return grad_planes.reshape(like.sizes());
@@ -57,6 +40,13 @@ inline at::Tensor kernel_grad_like(const at::Tensor& grad_planes, const at::Tens
 
 template <class Kernels>
 struct Ops {
+  static bool use_fft(ConvAlgo algo, const at::Tensor& x4, const at::Tensor& w4) {
+    if (algo == ConvAlgo::Auto) {
+      return Kernels::prefer_fft(x4.size(2), x4.size(3), w4.size(2), w4.size(3));
+    }
+    return algo == ConvAlgo::Fft;
+  }
+
   // ---- hyperkernel_conv ---------------------------------------------------
   static at::Tensor conv_planes(const at::Tensor& x4, const at::Tensor& w4, ConvAlgo algo) {
     if (use_fft(algo, x4, w4)) return conv_fft_forward(x4, w4);
@@ -117,7 +107,10 @@ struct Ops {
         return y.to(z.scalar_type()).contiguous();
       }
       case GlobalMode::Conv: {
-        auto y4 = conv_planes(x4.defined() ? x4 : z4, k4 * z4, ConvAlgo::Auto);
+        const auto& u4 = x4.defined() ? x4 : z4;  // what Ŵ acts on
+        // The FFT path forms Ŵ = k ⊙ z while padding; the direct kernel needs it whole.
+        auto y4 = use_fft(ConvAlgo::Auto, u4, k4) ? conv_fft_forward(u4, k4, z4)
+                                                  : Kernels::conv_direct_forward(u4, k4 * z4);
         return y4.view(z.sizes());
       }
     }
@@ -159,7 +152,9 @@ struct Ops {
       g_what = at::matmul(gy, u4.to(dtype).transpose(-1, -2));
       g_u = at::matmul(w_hat.transpose(-1, -2), gy);
     } else {
-      std::tie(g_u, g_what) = conv_planes_backward(gy4, u4, k4 * z4, ConvAlgo::Auto);
+      std::tie(g_u, g_what) = use_fft(ConvAlgo::Auto, u4, k4)
+                                  ? conv_fft_backward(gy4, u4, k4, z4)
+                                  : conv_planes_backward(gy4, u4, k4 * z4, ConvAlgo::Direct);
       g_what = g_what.to(dtype), g_u = g_u.to(dtype);
     }
     auto gk = g_what * z4.to(dtype);

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace terminator {
@@ -155,21 +156,29 @@ void correlate_plane(const scalar_t* in, const scalar_t* w, scalar_t* out, int64
 }
 
 // gw[qi, qj] += Σ_{i, j} gy[i, j] · x[i + qi - pad_h, j + qj - pad_w] over one plane.
+// Each tap keeps a row of partial sums (`partial`, Kw × W) so the inner loop over
+// j is a vectorizable multiply-add with no loop-carried sum; a row is reduced
+// once per kernel row.
 template <typename scalar_t, typename acc_t>
 void weight_grad_plane(const scalar_t* gy, const scalar_t* x, acc_t* gw, int64_t H, int64_t W,
-                       int64_t Kh, int64_t Kw, int64_t pad_h, int64_t pad_w) {
+                       int64_t Kh, int64_t Kw, int64_t pad_h, int64_t pad_w, acc_t* partial) {
   for (int64_t qi = 0; qi < Kh; ++qi) {
     const int64_t di = qi - pad_h;
     const int64_t i0 = std::max<int64_t>(0, -di), i1 = std::min<int64_t>(H, H - di);
-    for (int64_t qj = 0; qj < Kw; ++qj) {
-      const int64_t dj = qj - pad_w;
-      const int64_t j0 = std::max<int64_t>(0, -dj), j1 = std::min<int64_t>(W, W - dj);
-      acc_t sum = 0;
-      for (int64_t i = i0; i < i1; ++i) {
-        const scalar_t* g_row = gy + i * W;
-        const scalar_t* x_row = x + (i + di) * W + dj;
-        for (int64_t j = j0; j < j1; ++j) sum += acc_t(g_row[j]) * acc_t(x_row[j]);
+    std::fill_n(partial, Kw * W, acc_t(0));
+    for (int64_t i = i0; i < i1; ++i) {
+      const scalar_t* g_row = gy + i * W;
+      const scalar_t* x_row = x + (i + di) * W;
+      for (int64_t qj = 0; qj < Kw; ++qj) {
+        const int64_t dj = qj - pad_w;
+        const int64_t j0 = std::max<int64_t>(0, -dj), j1 = std::min<int64_t>(W, W - dj);
+        acc_t* p = partial + qj * W;
+        for (int64_t j = j0; j < j1; ++j) p[j] += acc_t(g_row[j]) * acc_t(x_row[j + dj]);
       }
+    }
+    for (int64_t qj = 0; qj < Kw; ++qj) {
+      acc_t sum = 0;
+      for (int64_t j = 0; j < W; ++j) sum += partial[qj * W + j];
       gw[qi * Kw + qj] += sum;
     }
   }
@@ -228,13 +237,13 @@ at::Tensor conv_direct_weight_grad(const at::Tensor& gy, const at::Tensor& x,
     const int64_t batch_per_kernel = shared ? B : 1;
     const int64_t kernels = shared ? C : B * C;
     at::parallel_for(0, kernels, grain_for(batch_per_kernel * H * W * K), [&](int64_t k0, int64_t k1) {
-      std::vector<acc_t> acc(K);
+      std::vector<acc_t> acc(K), partial(Kw * W);
       for (int64_t kp = k0; kp < k1; ++kp) {
         std::fill(acc.begin(), acc.end(), acc_t(0));
         for (int64_t b = 0; b < batch_per_kernel; ++b) {
           const int64_t plane = shared ? b * C + kp : kp;
           weight_grad_plane<scalar_t, acc_t>(gyp + plane * H * W, xp + plane * H * W, acc.data(),
-                                             H, W, Kh, Kw, pad_h, pad_w);
+                                             H, W, Kh, Kw, pad_h, pad_w, partial.data());
         }
         for (int64_t q = 0; q < K; ++q) gwp[kp * K + q] = static_cast<scalar_t>(acc[q]);
       }
@@ -243,7 +252,23 @@ at::Tensor conv_direct_weight_grad(const at::Tensor& gy, const at::Tensor& x,
   return gw;
 }
 
+// algo="auto": direct costs H·W·Kh·Kw multiply-adds per plane, the FFT path
+// about kFftCostPerPoint · n·log2(n) for n padded points (five transforms for
+// forward + backward, plus padding and products). The constant is the crossover
+// measured with tools/bench_ops.py on the 2-core development machine
+// (docs/PERFORMANCE.md).
+constexpr double kFftCostPerPoint = 6.0;
+
+bool prefer_fft(int64_t H, int64_t W, int64_t Kh, int64_t Kw) {
+  const int64_t nh = H == 1 ? 1 : good_fft_size(H + Kh - 1 - same_pad_before(Kh));
+  const int64_t nw = good_fft_size(W + Kw - 1 - same_pad_before(Kw));
+  const double points = double(nh) * double(nw);
+  const double direct = double(H) * double(W) * double(Kh) * double(Kw);
+  return kFftCostPerPoint * points * std::log2(points + 1.0) < direct;
+}
+
 struct CpuKernels {
+  static constexpr auto prefer_fft = &cpu::prefer_fft;
   static constexpr auto global_dot_forward = &cpu::global_dot_forward;
   static constexpr auto global_dot_backward = &cpu::global_dot_backward;
   static constexpr auto conv_direct_forward = &cpu::conv_direct_forward;

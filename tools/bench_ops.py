@@ -1,0 +1,269 @@
+#!/usr/bin/env python
+"""Times every op against the eager reference and torch.compile(reference).
+
+In one process, interleaved (each repeat runs every implementation once, so a
+noisy neighbour hits all of them alike), warm-up excluded, medians over repeats.
+Prints a table and writes JSON. For memory-bound ops also the bytes moved and the
+fraction of a copy bandwidth measured in the same run; for every case the peak
+memory of forward+backward (the resident-set high-water mark, reset through
+/proc/self/clear_refs before each measurement; Linux only).
+
+    python tools/bench_ops.py                    # all cases, 2 threads
+    python tools/bench_ops.py --only dot --repeats 30
+    python tools/bench_ops.py --tiny --json /tmp/b.json   # seconds: the test's smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import terminator
+from terminator.ops import reference
+
+
+@dataclasses.dataclass
+class Case:
+    name: str  # e.g. "global dot 2D 28x28"
+    group: str  # dot | matmul | conv | hkconv | hkconv-shared
+    make: Callable[[], tuple]  # -> input tensors (float32)
+    ours: Callable
+    ref: Callable
+    bytes_fwd: int | None = None  # memory-bound ops: bytes a perfect kernel moves
+    bytes_fwdbwd: int | None = None
+    extra: dict[str, Callable] = dataclasses.field(default_factory=dict)  # more baselines
+
+
+def _global_case(mode: str, batch: int, channels: int, spatial: tuple[int, ...]) -> Case:
+    def make():
+        g = torch.Generator().manual_seed(0)
+        k = torch.randn(channels, *spatial, generator=g)
+        z = torch.randn(batch, channels, *spatial, generator=g)
+        x = torch.randn(batch, channels, *spatial, generator=g)
+        return k, z, x
+
+    n = channels * int(torch.tensor(spatial).prod())
+    size = "x".join(map(str, spatial))
+    elem = 4
+    return Case(
+        name=f"global {mode} {len(spatial)}D B={batch} C={channels} {size}",
+        group=mode,
+        make=make,
+        ours=lambda k, z, x: terminator.ops.hyperzzw_global(k, z, x, mode=mode),
+        ref=lambda k, z, x: reference.hyperzzw_global(k, z, x, mode=mode),
+        # dot: forward reads k, z, x and writes y; backward reads gy, k, z, x and
+        # writes gk, gz, gx (k is shared, so its traffic is one plane).
+        bytes_fwd=elem * n * (3 * batch + 1) if mode == "dot" else None,
+        bytes_fwdbwd=elem * n * ((3 * batch + 1) + (6 * batch + 2)) if mode == "dot" else None,
+    )
+
+
+def _hkconv_case(batch: int, channels: int, spatial: tuple[int, ...], ksize: int, shared: bool,
+                 algo: str = "auto") -> Case:
+    kernel = tuple(min(ksize, s) for s in spatial)
+
+    def make():
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, channels, *spatial, generator=g)
+        w = torch.randn(*((channels,) if shared else (batch, channels)), *kernel, generator=g)
+        return x, w
+
+    size = "x".join(map(str, spatial))
+    ks = "x".join(map(str, kernel))
+    case = Case(
+        name=f"hkconv {'shared' if shared else 'per-sample'} {ks} {algo} B={batch} C={channels} {size}",
+        group="hkconv-shared" if shared else "hkconv",
+        make=make,
+        ours=lambda x, w: terminator.ops.hyperkernel_conv(x, w, algo=algo),
+        ref=lambda x, w: reference.hyperkernel_conv(x, w),
+    )
+    if shared:
+        conv = F.conv1d if len(spatial) == 1 else F.conv2d
+        case.extra["F.conv groups=C"] = lambda x, w: conv(x, w.unsqueeze(1), padding="same", groups=channels)
+    return case
+
+
+def all_cases(tiny: bool) -> list[Case]:
+    if tiny:
+        return [
+            _global_case("dot", 2, 3, (8, 8)),
+            _global_case("matmul", 2, 3, (8, 8)),
+            _global_case("conv", 2, 3, (8, 8)),
+            _global_case("conv", 2, 3, (16,)),
+            _hkconv_case(2, 3, (8, 8), 3, shared=False),
+            _hkconv_case(2, 3, (8, 8), 3, shared=True),
+        ]
+    B, C = 64, 36
+    cases = []
+    for spatial in [(28, 28), (32, 32), (784,)]:
+        cases.append(_global_case("dot", B, C, spatial))
+    cases += [_global_case("dot", 16, 64, (64, 64)), _global_case("dot", B, C, (4096,))]
+    for spatial in [(28, 28), (32, 32)]:
+        cases.append(_global_case("matmul", B, C, spatial))
+    cases.append(_global_case("matmul", 16, 64, (64, 64)))
+    for spatial in [(28, 28), (32, 32), (784,)]:
+        cases.append(_global_case("conv", B, C, spatial))
+    cases += [_global_case("conv", 16, 64, (64, 64)), _global_case("conv", B, C, (4096,))]
+    for ksize in (3, 5, 7, 9):
+        for algo in ("auto", "direct", "fft"):
+            cases.append(_hkconv_case(B, C, (28, 28), ksize, shared=False, algo=algo))
+    for spatial in [(32, 32), (784,)]:
+        cases.append(_hkconv_case(B, C, spatial, 7, shared=False))
+    cases.append(_hkconv_case(16, 64, (64, 64), 7, shared=False))
+    cases.append(_hkconv_case(B, C, (4096,), 9, shared=False))
+    for ksize in (3, 7):
+        cases.append(_hkconv_case(B, C, (28, 28), ksize, shared=True))
+    return cases
+
+
+# ---- measurement ----------------------------------------------------------------------
+
+
+def _fwd(fn, inputs):
+    with torch.no_grad():
+        fn(*inputs)
+
+
+def _fwdbwd(fn, inputs):
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    y = fn(*leaves)
+    y.backward(torch.ones_like(y))
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory(run: Callable[[], None]) -> int | None:
+    """Peak resident memory above the starting point while run() executes (Linux)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return None
+    before = _rss_bytes("VmRSS")
+    run()
+    return max(0, _rss_bytes("VmHWM") - before)
+
+
+def copy_bandwidth(repeats: int) -> float:
+    """Bytes/s of a large tensor copy (read + write), the memory-bound yardstick."""
+    src = torch.randn(64 * 36 * 28 * 28 * 4)  # ~29 MB, well past the caches
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats + 3):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() / statistics.median(times[3:])
+
+
+def time_interleaved(impls: dict[str, Callable[[], None]], repeats: int, warmup: int,
+                     budget: float) -> dict[str, float]:
+    """Median seconds per call; fewer repeats (at least 3) when a round exceeds the budget."""
+    round_time = 0.0
+    for run in impls.values():
+        for _ in range(warmup):
+            start = time.perf_counter()
+            run()
+        round_time += time.perf_counter() - start
+    repeats = max(3, min(repeats, int(budget / max(round_time, 1e-9))))
+    samples: dict[str, list[float]] = {name: [] for name in impls}
+    for _ in range(repeats):
+        for name, run in impls.items():
+            start = time.perf_counter()
+            run()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def bench_case(case: Case, args) -> dict:
+    inputs = case.make()
+    impls = {"ours": case.ours, "eager": case.ref, **case.extra}
+    if not args.no_compile:
+        impls["compiled"] = torch.compile(case.ref, dynamic=False)
+    result = {"name": case.name, "group": case.group}
+    for phase, runner in (("fwd", _fwd), ("fwdbwd", _fwdbwd)):
+        runs = {name: (lambda fn=fn: runner(fn, inputs)) for name, fn in impls.items()}
+        medians = time_interleaved(runs, args.repeats, args.warmup, args.budget)
+        result[phase] = {name: t * 1e3 for name, t in medians.items()}  # ms
+    result["peak_mb"] = {}
+    for name, fn in impls.items():
+        peak = peak_memory(lambda fn=fn: _fwdbwd(fn, inputs))
+        result["peak_mb"][name] = None if peak is None else peak / 2**20
+    result["bytes_fwd"], result["bytes_fwdbwd"] = case.bytes_fwd, case.bytes_fwdbwd
+    return result
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(results: list[dict], bandwidth: float) -> None:
+    print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read+write)")
+    header = (f"{'case':<52} {'phase':<6} {'ours ms':>8} {'eager ms':>9} {'comp ms':>8} "
+              f"{'x eager':>7} {'x comp':>7} {'%copy':>6} {'peak MB ours/eager':>19} {'other':>20}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        for phase in ("fwd", "fwdbwd"):
+            t = r[phase]
+            ours, eager, comp = t["ours"], t["eager"], t.get("compiled")
+            moved = r["bytes_fwd" if phase == "fwd" else "bytes_fwdbwd"]
+            frac = moved / (ours / 1e3) / bandwidth * 100 if moved else None
+            others = " ".join(f"{k} x{t[k] / ours:.2f}" for k in t if k not in ("ours", "eager", "compiled"))
+            peak = r["peak_mb"]
+            peak_s = f"{_fmt(peak['ours'], '.0f')}/{_fmt(peak['eager'], '.0f')}" if phase == "fwdbwd" else ""
+            print(f"{r['name']:<52} {phase:<6} {ours:8.2f} {eager:9.2f} {_fmt(comp, '8.2f')} "
+                  f"{eager / ours:7.2f} {_fmt(comp / ours if comp else None, '7.2f')} {_fmt(frac, '6.0f')} "
+                  f"{peak_s:>19} {others:>20}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=20.0, help="seconds of timed rounds per case and phase")
+    parser.add_argument("--only", default="", help="run cases whose name contains this text")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (a smoke run)")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
+    parser.add_argument("--json", type=Path, default=Path("docs/bench_ops.json"))
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    cases = [c for c in all_cases(args.tiny) if args.only in c.name]
+    bandwidth = copy_bandwidth(args.repeats)
+    results = []
+    for case in cases:
+        print(f"... {case.name}", file=sys.stderr, flush=True)
+        results.append(bench_case(case, args))
+    print_table(results, bandwidth)
+    meta = {
+        "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "threads": args.threads,
+        "torch": torch.__version__, "backend": str(terminator.ops.backend()), "repeats": args.repeats,
+        "copy_bandwidth_GBps": bandwidth / 1e9, "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
