@@ -171,6 +171,7 @@ struct CudaKernels {
   static constexpr auto conv_direct_forward = &Impl::conv_direct_forward;
   static constexpr auto conv_direct_input_grad = &Impl::conv_direct_input_grad;
   static constexpr auto conv_direct_weight_grad = &Impl::conv_direct_weight_grad;
+  static constexpr auto prefer_fft = &Impl::prefer_fft;
 };
 
 }  // namespace
