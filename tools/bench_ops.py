@@ -5,8 +5,10 @@ In one process, interleaved (each repeat runs every implementation once, so a
 noisy neighbour hits all of them alike), warm-up excluded, medians over repeats.
 Prints a table and writes JSON. For memory-bound ops also the bytes moved and the
 fraction of a copy bandwidth measured in the same run; for every case the peak
-memory of forward+backward (the resident-set high-water mark, reset through
-/proc/self/clear_refs before each measurement; Linux only).
+memory of forward+backward: measured in a worker process whose allocator maps
+every block of 128 KiB or more on its own (MALLOC_MMAP_THRESHOLD_), so the
+resident-set high-water mark (reset through /proc/self/clear_refs before each
+measurement; Linux only) follows the live tensors, after one warm-up call.
 
     python tools/bench_ops.py                    # all cases, 2 threads
     python tools/bench_ops.py --only dot --repeats 30
@@ -21,6 +23,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -192,22 +195,43 @@ def time_interleaved(impls: dict[str, Callable[[], None]], repeats: int, warmup:
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def bench_case(case: Case, args) -> dict:
-    inputs = case.make()
+def implementations(case: Case, args) -> dict[str, Callable]:
     impls = {"ours": case.ours, "eager": case.ref, **case.extra}
     if not args.no_compile:
         impls["compiled"] = torch.compile(case.ref, dynamic=False)
+    return impls
+
+
+def bench_case(case: Case, args) -> dict:
+    inputs = case.make()
+    impls = implementations(case, args)
     result = {"name": case.name, "group": case.group}
     for phase, runner in (("fwd", _fwd), ("fwdbwd", _fwdbwd)):
         runs = {name: (lambda fn=fn: runner(fn, inputs)) for name, fn in impls.items()}
         medians = time_interleaved(runs, args.repeats, args.warmup, args.budget)
         result[phase] = {name: t * 1e3 for name, t in medians.items()}  # ms
-    result["peak_mb"] = {}
-    for name, fn in impls.items():
-        peak = peak_memory(lambda fn=fn: _fwdbwd(fn, inputs))
-        result["peak_mb"][name] = None if peak is None else peak / 2**20
     result["bytes_fwd"], result["bytes_fwdbwd"] = case.bytes_fwd, case.bytes_fwdbwd
     return result
+
+
+def memory_worker(cases: list[Case], args) -> dict[str, dict[str, float | None]]:
+    """Peak MB of one forward+backward per case and implementation (run in the worker)."""
+    peaks = {}
+    for case in cases:
+        inputs = case.make()
+        peaks[case.name] = {}
+        for name, fn in implementations(case, args).items():
+            _fwdbwd(fn, inputs)  # warm-up: plans, compilation, first-touch allocations
+            peak = peak_memory(lambda fn=fn: _fwdbwd(fn, inputs))
+            peaks[case.name][name] = None if peak is None else peak / 2**20
+    return peaks
+
+
+def measure_memory(argv: list[str]) -> dict[str, dict[str, float | None]]:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    out = subprocess.run([sys.executable, __file__, *argv, "--memory-worker"], env=env,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -227,8 +251,9 @@ def print_table(results: list[dict], bandwidth: float) -> None:
             moved = r["bytes_fwd" if phase == "fwd" else "bytes_fwdbwd"]
             frac = moved / (ours / 1e3) / bandwidth * 100 if moved else None
             others = " ".join(f"{k} x{t[k] / ours:.2f}" for k in t if k not in ("ours", "eager", "compiled"))
-            peak = r["peak_mb"]
-            peak_s = f"{_fmt(peak['ours'], '.0f')}/{_fmt(peak['eager'], '.0f')}" if phase == "fwdbwd" else ""
+            peak = r.get("peak_mb", {})
+            peak_s = (f"{_fmt(peak.get('ours'), '.0f')}/{_fmt(peak.get('eager'), '.0f')}"
+                      if phase == "fwdbwd" else "")
             print(f"{r['name']:<52} {phase:<6} {ours:8.2f} {eager:9.2f} {_fmt(comp, '8.2f')} "
                   f"{eager / ours:7.2f} {_fmt(comp / ours if comp else None, '7.2f')} {_fmt(frac, '6.0f')} "
                   f"{peak_s:>19} {others:>20}")
@@ -244,15 +269,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (a smoke run)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
     parser.add_argument("--json", type=Path, default=Path("docs/bench_ops.json"))
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory worker")
+    parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     cases = [c for c in all_cases(args.tiny) if args.only in c.name]
+    if args.memory_worker:
+        print(json.dumps(memory_worker(cases, args)))
+        return 0
     bandwidth = copy_bandwidth(args.repeats)
     results = []
     for case in cases:
         print(f"... {case.name}", file=sys.stderr, flush=True)
         results.append(bench_case(case, args))
+    if not args.no_memory:
+        worker_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
+        peaks = measure_memory(worker_argv)
+        for r in results:
+            r["peak_mb"] = peaks[r["name"]]
     print_table(results, bandwidth)
     meta = {
         "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "threads": args.threads,
