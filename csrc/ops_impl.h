@@ -18,6 +18,8 @@
 #include "common.h"
 #include "fft_conv.h"
 
+#include <torch/library.h>
+
 #include <cmath>
 #include <tuple>
 
@@ -166,5 +168,15 @@ struct Ops {
             x4.defined() ? g_u.to(out).contiguous().view(z.sizes()) : no_grad_x};
   }
 };
+
+// Registers the four ops of Ops<Kernels> for one dispatch key:
+//   TORCH_LIBRARY_IMPL(terminator, CPU, m) { register_impls<cpu::CpuKernels>(m); }
+template <class Kernels>
+void register_impls(torch::Library& m) {
+  m.impl("hyperzzw_global", &Ops<Kernels>::hyperzzw_global);
+  m.impl("hyperzzw_global_backward", &Ops<Kernels>::hyperzzw_global_backward);
+  m.impl("hyperkernel_conv", &Ops<Kernels>::hyperkernel_conv);
+  m.impl("hyperkernel_conv_backward", &Ops<Kernels>::hyperkernel_conv_backward);
+}
 
 }  // namespace terminator

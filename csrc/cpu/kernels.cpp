@@ -279,12 +279,6 @@ struct CpuKernels {
 }  // namespace
 }  // namespace cpu
 
-TORCH_LIBRARY_IMPL(terminator, CPU, m) {
-  using CpuOps = Ops<cpu::CpuKernels>;
-  m.impl("hyperzzw_global", &CpuOps::hyperzzw_global);
-  m.impl("hyperzzw_global_backward", &CpuOps::hyperzzw_global_backward);
-  m.impl("hyperkernel_conv", &CpuOps::hyperkernel_conv);
-  m.impl("hyperkernel_conv_backward", &CpuOps::hyperkernel_conv_backward);
-}
+TORCH_LIBRARY_IMPL(terminator, CPU, m) { register_impls<cpu::CpuKernels>(m); }
 
 }  // namespace terminator

@@ -177,12 +177,6 @@ struct CudaKernels {
 }  // namespace
 }  // namespace cuda
 
-TORCH_LIBRARY_IMPL(terminator, CUDA, m) {
-  using CudaOps = Ops<cuda::CudaKernels>;
-  m.impl("hyperzzw_global", &CudaOps::hyperzzw_global);
-  m.impl("hyperzzw_global_backward", &CudaOps::hyperzzw_global_backward);
-  m.impl("hyperkernel_conv", &CudaOps::hyperkernel_conv);
-  m.impl("hyperkernel_conv_backward", &CudaOps::hyperkernel_conv_backward);
-}
+TORCH_LIBRARY_IMPL(terminator, CUDA, m) { register_impls<cuda::CudaKernels>(m); }
 
 }  // namespace terminator
