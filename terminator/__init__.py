@@ -14,7 +14,7 @@ try:
 except PackageNotFoundError:  # a source checkout that was never installed
     __version__ = "0.0.0+unknown"
 
-_SUBMODULES = ("ops",)
+_SUBMODULES = ("ops", "nn", "models", "losses", "optim")
 __all__ = [*_SUBMODULES, "__version__"]
 
 
