@@ -66,146 +66,178 @@ at::Tensor global_dot_forward(const at::Tensor& k, const at::Tensor& z, const at
   return y;
 }
 
+// One row segment of the dot backward: y = k z x gives dk = gy z x, dz = gy k x,
+// dx = gy k z; with x = z (HasX false), dz = 2 gy k z. `dk` receives (Accumulate)
+// or is overwritten with gy z x.
+template <bool HasX, bool Accumulate, typename scalar_t, typename acc_t>
+void dot_backward_segment(int64_t n, const scalar_t* __restrict__ gy, const scalar_t* __restrict__ k,
+                          const scalar_t* __restrict__ z, const scalar_t* __restrict__ x,
+                          acc_t* __restrict__ dk, scalar_t* __restrict__ gz,
+                          scalar_t* __restrict__ gx) {
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t g = gy[j], kv = k[j], zv = z[j];
+    const acc_t xv = HasX ? acc_t(x[j]) : zv;
+    const acc_t d = g * zv * xv;
+    dk[j] = Accumulate ? dk[j] + d : d;
+    if constexpr (HasX) {
+      gz[j] = static_cast<scalar_t>(g * kv * xv);
+      gx[j] = static_cast<scalar_t>(g * kv * zv);
+    } else {
+      gz[j] = static_cast<scalar_t>(acc_t(2) * g * kv * zv);
+    }
+  }
+}
+
+template <bool HasX, typename scalar_t>
+void global_dot_backward_impl(const at::Tensor& gy, const at::Tensor& k, const at::Tensor& z,
+                              const at::Tensor& x, at::Tensor& gk, at::Tensor& gz, at::Tensor& gx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = z.size(0), CN = z.size(1) * z.size(2);
+  const scalar_t* gyp = gy.const_data_ptr<scalar_t>();
+  const scalar_t* kp = k.const_data_ptr<scalar_t>();
+  const scalar_t* zp = z.const_data_ptr<scalar_t>();
+  const scalar_t* xp = HasX ? x.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* gkp = gk.mutable_data_ptr<scalar_t>();
+  scalar_t* gzp = gz.mutable_data_ptr<scalar_t>();
+  scalar_t* gxp = HasX ? gx.mutable_data_ptr<scalar_t>() : nullptr;
+  const bool shared = k.size(0) == 1;
+  // Per-sample k: row pieces of the flat (B, CN) range; shared k: column chunks,
+  // each summing its batch in order b = 0..B-1 (deterministic for any threads).
+  const int64_t rows = shared ? 1 : B;
+  at::parallel_for(0, rows * CN, shared ? grain_for(B) : kGrainWork, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(kColumnChunk);
+    for_each_row_piece(begin, end, CN, [&](int64_t row, int64_t c0, int64_t c1) {
+      for (int64_t s0 = c0; s0 < c1; s0 += kColumnChunk) {
+        const int64_t n = std::min(kColumnChunk, c1 - s0);
+        const int64_t k_off = row * CN + s0;
+        for (int64_t b = shared ? 0 : row; b < (shared ? B : row + 1); ++b) {
+          const int64_t o = b * CN + s0;
+          auto segment = b == (shared ? 0 : row) ? dot_backward_segment<HasX, false, scalar_t, acc_t>
+                                                 : dot_backward_segment<HasX, true, scalar_t, acc_t>;
+          segment(n, gyp + o, kp + k_off, zp + o, HasX ? xp + o : nullptr, acc.data(), gzp + o,
+                  HasX ? gxp + o : nullptr);
+        }
+        for (int64_t j = 0; j < n; ++j) gkp[k_off + j] = static_cast<scalar_t>(acc[j]);
+      }
+    });
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> global_dot_backward(const at::Tensor& gy,
                                                                    const at::Tensor& k,
                                                                    const at::Tensor& z,
                                                                    const at::Tensor& x) {
-  const int64_t B = z.size(0), CN = z.size(1) * z.size(2);
-  const bool shared = k.size(0) == 1, has_x = x.defined();
+  const bool shared = k.size(0) == 1;
   auto gk = shared ? at::empty_like(k) : at::empty_like(z);
   auto gz = at::empty_like(z);
-  auto gx = has_x ? at::empty_like(z) : at::Tensor();
-  if (shared && B == 0) return {gk.zero_(), gz, gx};
+  auto gx = x.defined() ? at::empty_like(z) : at::Tensor();
+  if (shared && z.size(0) == 0) return {gk.zero_(), gz, gx};
   if (z.numel() == 0) return {gk, gz, gx};
   TERMINATOR_DISPATCH_FLOATING(z.scalar_type(), "global_dot_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* gyp = gy.const_data_ptr<scalar_t>();
-    const scalar_t* kp = k.const_data_ptr<scalar_t>();
-    const scalar_t* zp = z.const_data_ptr<scalar_t>();
-    const scalar_t* xp = has_x ? x.const_data_ptr<scalar_t>() : zp;
-    scalar_t* gkp = gk.mutable_data_ptr<scalar_t>();
-    scalar_t* gzp = gz.mutable_data_ptr<scalar_t>();
-    scalar_t* gxp = has_x ? gx.mutable_data_ptr<scalar_t>() : nullptr;
-    // y = k z x: dk = gy z x, dz = gy k x, dx = gy k z; with x = z, dz = 2 gy k z.
-    auto element = [&](int64_t o, int64_t ki, acc_t& dk) {
-      const acc_t g = gyp[o], kv = kp[ki], zv = zp[o];
-      if (has_x) {
-        const acc_t xv = xp[o];
-        dk = g * zv * xv;
-        gzp[o] = static_cast<scalar_t>(g * kv * xv);
-        gxp[o] = static_cast<scalar_t>(g * kv * zv);
-      } else {
-        dk = g * zv * zv;
-        gzp[o] = static_cast<scalar_t>(acc_t(2) * g * kv * zv);
-      }
-    };
-    if (!shared) {
-      at::parallel_for(0, B * CN, kGrainWork, [&](int64_t begin, int64_t end) {
-        for (int64_t o = begin; o < end; ++o) {
-          acc_t dk;
-          element(o, o, dk);
-          gkp[o] = static_cast<scalar_t>(dk);
-        }
-      });
-      return;
+    if (x.defined()) {
+      global_dot_backward_impl<true, scalar_t>(gy, k, z, x, gk, gz, gx);
+    } else {
+      global_dot_backward_impl<false, scalar_t>(gy, k, z, x, gk, gz, gx);
     }
-    // Shared k: one pass over memory; each column sums its batch in order b = 0..B-1.
-    at::parallel_for(0, CN, grain_for(B), [&](int64_t c0, int64_t c1) {
-      std::vector<acc_t> acc(kColumnChunk);
-      for (int64_t s0 = c0; s0 < c1; s0 += kColumnChunk) {
-        const int64_t n = std::min(kColumnChunk, c1 - s0);
-        std::fill_n(acc.begin(), n, acc_t(0));
-        for (int64_t b = 0; b < B; ++b) {
-          const int64_t o = b * CN + s0;
-          for (int64_t j = 0; j < n; ++j) {
-            acc_t dk;
-            element(o + j, s0 + j, dk);
-            acc[j] += dk;
-          }
-        }
-        for (int64_t j = 0; j < n; ++j) gkp[s0 + j] = static_cast<scalar_t>(acc[j]);
-      }
-    });
   });
   return {gk, gz, gx};
 }
 
 // ---- depthwise "same" cross-correlation, direct ------------------------------
+//
+// Each plane is first copied, in the accumulation type, into a zero-padded
+// buffer, so the inner loops have no bounds and convert nothing: outputs are
+// computed kBlock columns at a time in registers, over every kernel tap.
 
-// out[i, j] = Σ_{qi, qj} w[qi, qj] · in[i + qi - pad_h, j + qj - pad_w] over one
-// (H, W) plane, zero outside. `flip` reads w reversed (the input gradient).
+constexpr int64_t kBlock = 16;
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// A plane (H, W) inside a zeroed buffer of `rows` rows and `stride` columns, at (top, left).
+struct PaddedPlane {
+  int64_t rows, stride, top, left;
+};
+
+// Room for a kernel of (Kh, Kw) around an (H, W) plane plus a block of slack per row.
+PaddedPlane padded_for(int64_t H, int64_t W, int64_t Kh, int64_t Kw, int64_t top, int64_t left) {
+  return {H + Kh - 1, round_up(W + Kw - 1, kBlock) + kBlock, top, left};
+}
+
 template <typename scalar_t, typename acc_t>
-void correlate_plane(const scalar_t* in, const scalar_t* w, scalar_t* out, int64_t H,
-                     int64_t W, int64_t Kh, int64_t Kw, int64_t pad_h, int64_t pad_w, bool flip,
-                     acc_t* row) {
+void pad_plane(const scalar_t* in, int64_t H, int64_t W, const PaddedPlane& g, acc_t* out) {
+  std::fill_n(out, g.rows * g.stride, acc_t(0));
   for (int64_t i = 0; i < H; ++i) {
-    std::fill_n(row, W, acc_t(0));
-    for (int64_t qi = 0; qi < Kh; ++qi) {
-      const int64_t r = i + qi - pad_h;
-      if (r < 0 || r >= H) continue;
-      const scalar_t* in_row = in + r * W;
-      for (int64_t qj = 0; qj < Kw; ++qj) {
-        const acc_t wv = flip ? w[(Kh - 1 - qi) * Kw + (Kw - 1 - qj)] : w[qi * Kw + qj];
-        const int64_t off = qj - pad_w;
-        const int64_t j0 = std::max<int64_t>(0, -off), j1 = std::min<int64_t>(W, W - off);
-        for (int64_t j = j0; j < j1; ++j) row[j] += wv * acc_t(in_row[j + off]);
-      }
-    }
-    for (int64_t j = 0; j < W; ++j) out[i * W + j] = static_cast<scalar_t>(row[j]);
+    acc_t* row = out + (i + g.top) * g.stride + g.left;
+    for (int64_t j = 0; j < W; ++j) row[j] = acc_t(in[i * W + j]);
   }
 }
 
-// gw[qi, qj] += Σ_{i, j} gy[i, j] · x[i + qi - pad_h, j + qj - pad_w] over one plane.
-// Each tap keeps a row of partial sums (`partial`, Kw × W) so the inner loop over
-// j is a vectorizable multiply-add with no loop-carried sum; a row is reduced
-// once per kernel row.
+// out[i, j] = Σ_{qi, qj} w[qi, qj] · p[i + qi, j + qj] for a padded plane p.
 template <typename scalar_t, typename acc_t>
-void weight_grad_plane(const scalar_t* gy, const scalar_t* x, acc_t* gw, int64_t H, int64_t W,
-                       int64_t Kh, int64_t Kw, int64_t pad_h, int64_t pad_w, acc_t* partial) {
-  for (int64_t qi = 0; qi < Kh; ++qi) {
-    const int64_t di = qi - pad_h;
-    const int64_t i0 = std::max<int64_t>(0, -di), i1 = std::min<int64_t>(H, H - di);
-    std::fill_n(partial, Kw * W, acc_t(0));
-    for (int64_t i = i0; i < i1; ++i) {
-      const scalar_t* g_row = gy + i * W;
-      const scalar_t* x_row = x + (i + di) * W;
-      for (int64_t qj = 0; qj < Kw; ++qj) {
-        const int64_t dj = qj - pad_w;
-        const int64_t j0 = std::max<int64_t>(0, -dj), j1 = std::min<int64_t>(W, W - dj);
-        acc_t* p = partial + qj * W;
-        for (int64_t j = j0; j < j1; ++j) p[j] += acc_t(g_row[j]) * acc_t(x_row[j + dj]);
+void correlate_padded(const acc_t* p, int64_t stride, const acc_t* w, int64_t Kh, int64_t Kw,
+                      int64_t H, int64_t W, scalar_t* out) {
+  for (int64_t i = 0; i < H; ++i) {
+    for (int64_t jb = 0; jb < W; jb += kBlock) {
+      acc_t acc[kBlock] = {};
+      for (int64_t qi = 0; qi < Kh; ++qi) {
+        const acc_t* row = p + (i + qi) * stride + jb;
+        const acc_t* w_row = w + qi * Kw;
+        for (int64_t qj = 0; qj < Kw; ++qj) {
+          const acc_t wv = w_row[qj];
+          for (int64_t t = 0; t < kBlock; ++t) acc[t] += wv * row[qj + t];
+        }
       }
+      const int64_t n = std::min(kBlock, W - jb);
+      for (int64_t t = 0; t < n; ++t) out[i * W + jb + t] = static_cast<scalar_t>(acc[t]);
     }
+  }
+}
+
+// gw[qi, qj] += Σ_{i, j} g[i, j] · p[i + qi, j + qj]; g's rows (stride g_stride) are
+// zero past W, so whole blocks can be summed.
+template <typename acc_t>
+void weight_grad_padded(const acc_t* g, int64_t g_stride, const acc_t* p, int64_t stride,
+                        int64_t Kh, int64_t Kw, int64_t H, int64_t W, acc_t* gw) {
+  for (int64_t qi = 0; qi < Kh; ++qi) {
     for (int64_t qj = 0; qj < Kw; ++qj) {
+      acc_t acc[kBlock] = {};
+      for (int64_t i = 0; i < H; ++i) {
+        const acc_t* g_row = g + i * g_stride;
+        const acc_t* p_row = p + (i + qi) * stride + qj;
+        for (int64_t jb = 0; jb < W; jb += kBlock) {
+          for (int64_t t = 0; t < kBlock; ++t) acc[t] += g_row[jb + t] * p_row[jb + t];
+        }
+      }
       acc_t sum = 0;
-      for (int64_t j = 0; j < W; ++j) sum += partial[qj * W + j];
+      for (int64_t t = 0; t < kBlock; ++t) sum += acc[t];
       gw[qi * Kw + qj] += sum;
     }
   }
 }
 
-// Correlates every (b, c) plane of `in` with kernel plane (b or 0, c) of `w`.
+// Correlates every (b, c) plane of `in` with kernel plane (b or 0, c) of `w`;
+// `flip` reads w reversed and pads the rest of the kernel before (the input gradient).
 at::Tensor correlate_planes(const at::Tensor& in, const at::Tensor& w, bool flip) {
   auto out = at::empty_like(in);
   const int64_t B = in.size(0), C = in.size(1), H = in.size(2), W = in.size(3);
-  const int64_t Kh = w.size(2), Kw = w.size(3);
+  const int64_t Kh = w.size(2), Kw = w.size(3), K = Kh * Kw;
   const bool shared = w.size(0) == 1;
-  // Forward pads ⌊(K−1)/2⌋ before; the flipped kernel of the input gradient pads the rest.
-  const int64_t pad_h = flip ? Kh - 1 - same_pad_before(Kh) : same_pad_before(Kh);
-  const int64_t pad_w = flip ? Kw - 1 - same_pad_before(Kw) : same_pad_before(Kw);
+  const int64_t top = flip ? Kh - 1 - same_pad_before(Kh) : same_pad_before(Kh);
+  const int64_t left = flip ? Kw - 1 - same_pad_before(Kw) : same_pad_before(Kw);
+  const auto geo = padded_for(H, W, Kh, Kw, top, left);
   if (out.numel() == 0) return out;
   TERMINATOR_DISPATCH_FLOATING(in.scalar_type(), "hyperkernel_conv_direct", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* inp = in.const_data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     scalar_t* outp = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B * C, grain_for(H * W * Kh * Kw), [&](int64_t p0, int64_t p1) {
-      std::vector<acc_t> row(W);
+    at::parallel_for(0, B * C, grain_for(H * W * K), [&](int64_t p0, int64_t p1) {
+      std::vector<acc_t> padded(geo.rows * geo.stride), kernel(K);
       for (int64_t p = p0; p < p1; ++p) {
-        const int64_t kernel_plane = shared ? p % C : p;
-        correlate_plane<scalar_t, acc_t>(inp + p * H * W, wp + kernel_plane * Kh * Kw,
-                                         outp + p * H * W, H, W, Kh, Kw, pad_h, pad_w, flip,
-                                         row.data());
+        const scalar_t* w_plane = wp + (shared ? p % C : p) * K;
+        for (int64_t q = 0; q < K; ++q) kernel[q] = acc_t(w_plane[flip ? K - 1 - q : q]);
+        pad_plane(inp + p * H * W, H, W, geo, padded.data());
+        correlate_padded(padded.data(), geo.stride, kernel.data(), Kh, Kw, H, W, outp + p * H * W);
       }
     });
   });
@@ -226,7 +258,8 @@ at::Tensor conv_direct_weight_grad(const at::Tensor& gy, const at::Tensor& x,
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Kh = w.size(2), Kw = w.size(3), K = Kh * Kw;
   const bool shared = w.size(0) == 1;
-  const int64_t pad_h = same_pad_before(Kh), pad_w = same_pad_before(Kw);
+  const auto x_geo = padded_for(H, W, Kh, Kw, same_pad_before(Kh), same_pad_before(Kw));
+  const auto g_geo = PaddedPlane{H, round_up(W, kBlock), 0, 0};
   if (gw.numel() == 0) return gw;
   TERMINATOR_DISPATCH_FLOATING(x.scalar_type(), "hyperkernel_conv_direct_weight_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -237,13 +270,15 @@ at::Tensor conv_direct_weight_grad(const at::Tensor& gy, const at::Tensor& x,
     const int64_t batch_per_kernel = shared ? B : 1;
     const int64_t kernels = shared ? C : B * C;
     at::parallel_for(0, kernels, grain_for(batch_per_kernel * H * W * K), [&](int64_t k0, int64_t k1) {
-      std::vector<acc_t> acc(K), partial(Kw * W);
+      std::vector<acc_t> acc(K), x_pad(x_geo.rows * x_geo.stride), g_pad(g_geo.rows * g_geo.stride);
       for (int64_t kp = k0; kp < k1; ++kp) {
         std::fill(acc.begin(), acc.end(), acc_t(0));
         for (int64_t b = 0; b < batch_per_kernel; ++b) {
           const int64_t plane = shared ? b * C + kp : kp;
-          weight_grad_plane<scalar_t, acc_t>(gyp + plane * H * W, xp + plane * H * W, acc.data(),
-                                             H, W, Kh, Kw, pad_h, pad_w, partial.data());
+          pad_plane(xp + plane * H * W, H, W, x_geo, x_pad.data());
+          pad_plane(gyp + plane * H * W, H, W, g_geo, g_pad.data());
+          weight_grad_padded(g_pad.data(), g_geo.stride, x_pad.data(), x_geo.stride, Kh, Kw, H, W,
+                             acc.data());
         }
         for (int64_t q = 0; q < K; ++q) gwp[kp * K + q] = static_cast<scalar_t>(acc[q]);
       }
