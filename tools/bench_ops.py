@@ -259,6 +259,46 @@ def print_table(results: list[dict], bandwidth: float) -> None:
                   f"{peak_s:>19} {others:>20}")
 
 
+def measure_crossover(args) -> None:
+    """Fits kFftCostPerPoint of csrc/cpu/kernels.cpp: time direct and fft (forward +
+    backward, per-sample kernels) over kernel sizes; for each pair the constant that
+    would make the cost model's ratio equal the measured one is
+    (t_fft / t_direct) · H·W·Kh·Kw / (n·log2 n); prints each and their median."""
+    import math
+
+    def padded(size: int, k: int) -> int:
+        """csrc/common.h good_fft_size(size + ⌈(k−1)/2⌉): factors 2, 3, 5, 7 only."""
+        n = size + k - 1 - (k - 1) // 2
+        while True:
+            rest = n
+            for p in (2, 3, 5, 7):
+                while rest % p == 0:
+                    rest //= p
+            if rest == 1:
+                return n
+            n += 1
+
+    constants = []
+    shapes = [((28, 28), (3, 5, 7, 9, 11, 13)), ((64, 64), (5, 9, 13, 17)), ((784,), (9, 31, 63, 127))]
+    for spatial, sizes in shapes:
+        for k in sizes:
+            times = {}
+            for algo in ("direct", "fft"):
+                case = _hkconv_case(64 if len(spatial) == 1 or spatial[0] < 64 else 16, 36, spatial, k,
+                                    shared=False, algo=algo)
+                inputs = case.make()
+                times[algo] = time_interleaved({algo: lambda: _fwdbwd(case.ours, inputs)}, args.repeats,
+                                               args.warmup, args.budget)[algo]
+            kernel = [min(k, s) for s in spatial]
+            work = math.prod(spatial) * math.prod(kernel)
+            points = math.prod(1 if s == 1 else padded(s, kk) for s, kk in zip(spatial, kernel))
+            c = times["fft"] / times["direct"] * work / (points * math.log2(points + 1))
+            constants.append(c)
+            print(f"{'x'.join(map(str, spatial)):>6} K={k:<4} direct {times['direct'] * 1e3:8.2f} ms  "
+                  f"fft {times['fft'] * 1e3:8.2f} ms  -> constant {c:6.2f}")
+    print(f"kFftCostPerPoint (median): {statistics.median(constants):.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -271,9 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=Path("docs/bench_ops.json"))
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory worker")
     parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--crossover", action="store_true", help="fit algo=auto's direct/FFT crossover")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    if args.crossover:
+        measure_crossover(args)
+        return 0
     cases = [c for c in all_cases(args.tiny) if args.only in c.name]
     if args.memory_worker:
         print(json.dumps(memory_worker(cases, args)))
