@@ -18,6 +18,10 @@ setup(
     package_dir={"terminator._csrc": "csrc"},
     package_data={"terminator._csrc": ["*.h", "*.cpp", "*/*.h", "*/*.cuh", "*/*.cpp", "*/*.cu"]},
     install_requires=["torch>=2.4", "numpy", "ninja"],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    extras_require={
+        "test": ["pytest", "hypothesis"],
+        # terminator train / eval: YAML configs, progress bars, plots, MNIST-1D, digits
+        "train": ["pyyaml", "tqdm", "matplotlib", "mnist1d", "scikit-learn"],
+    },
     entry_points={"console_scripts": ["terminator=terminator.cli:main"]},
 )

@@ -1,0 +1,133 @@
+"""A run's configuration: :class:`TrainConfig`, read from YAML with command-line overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TrainConfig", "load_config", "apply_overrides", "parse_set", "default_cache_dir"]
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get("TERMINATOR_DATA_CACHE") or os.path.join(base, "terminator-hyperzzw", "data")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (saved as ``config.yaml`` in the run directory).
+
+    ``model`` holds :class:`terminator.models.TerminatorConfig` fields that replace the
+    preset's (``size`` and ``num_classes`` always come from the data). ``batch_size`` is
+    the global batch: with N processes each takes ``batch_size // N``.
+    """
+
+    # data
+    dataset: str = "mnist1d"  # mnist1d | fashion-mnist | fashion-mnist-seq | fashion-mnist-pseq | digits
+    data_dir: str | None = None  # fashion-mnist idx .gz folder (default /usr/share/datasets/fashion-mnist)
+    cache_dir: str | None = None  # generated data (mnist1d); default ~/.cache/terminator-hyperzzw/data
+    val_fraction: float = 0.1  # held out of the training split (0: no validation set)
+    pseq_seed: int = 0  # the fixed pixel permutation of fashion-mnist-pseq
+    augment: bool = False  # 2D only: random shifts of up to `shift` pixels (zero padding)
+    shift: int = 2
+    flip: bool = False  # 2D only, with augment: random horizontal flips
+    limit_train: int | None = None  # use only the first N training samples (smoke runs)
+    limit_test: int | None = None
+    # model
+    preset: str | None = None  # None: the dataset's default preset
+    model: dict[str, Any] = field(default_factory=dict)
+    # optimization
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    optimizer: str = "kar3"  # kar3 | kar2
+    lr: float = 1.215e-3
+    betas: tuple[float, float] = (0.5, 0.95)
+    warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to min_lr_ratio·lr
+    min_lr_ratio: float = 0.0
+    label_smoothing: float = 0.09
+    l2: float = 5e-5
+    slow_weight: float = 1.0
+    # run
+    seed: int = 0
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    device: str = "auto"  # auto | cpu | cuda
+    out: str | None = None  # run directory (default runs/<dataset>-<preset>)
+    progress: bool = True  # tqdm progress bar (rank 0)
+    plots: bool = True  # PNG learning curves and global hyper-kernels
+    checkpoint_every: int = 1  # epochs between last.pt writes
+    stop_after: int | None = None  # end this session after N more epochs (the schedule still spans `epochs`)
+
+    def __post_init__(self):
+        self.betas = tuple(float(b) for b in self.betas)
+        self.model = dict(self.model or {})
+        if self.epochs < 0 or self.batch_size < 1 or not 0 <= self.val_fraction < 1:
+            raise ValueError("epochs must be >= 0, batch_size >= 1 and 0 <= val_fraction < 1")
+        if self.optimizer not in ("kar3", "kar2"):
+            raise ValueError(f"optimizer must be 'kar3' or 'kar2', got {self.optimizer!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dicts, lists and primitives (YAML, JSON and ``torch.load(weights_only=True)``)."""
+        def plain(v):
+            if isinstance(v, (list, tuple)):
+                return [plain(x) for x in v]
+            if isinstance(v, dict):
+                return {str(k): plain(x) for k, x in v.items()}
+            return v
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown configuration keys {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """``["a=1", "model.channels=[1,4]"]`` → nested dict; values are parsed as YAML."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        parsed = yaml.safe_load(value) if value.strip() else None
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = parsed
+    return out
+
+
+def apply_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Merges ``overrides`` into a copy of ``base`` (nested dicts merge, the rest replaces)."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = apply_overrides(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                base: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults ← ``base`` (e.g. a checkpoint's config) ← YAML file ← ``overrides``."""
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        import yaml
+
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of configuration keys")
+        data = apply_overrides(data, loaded)
+    data = apply_overrides(data, overrides or {})
+    return TrainConfig.from_dict(data)
