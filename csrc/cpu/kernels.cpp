@@ -289,10 +289,11 @@ at::Tensor conv_direct_weight_grad(const at::Tensor& gy, const at::Tensor& x,
 
 // algo="auto": direct costs H·W·Kh·Kw multiply-adds per plane, the FFT path
 // about kFftCostPerPoint · n·log2(n) for n padded points (five transforms for
-// forward + backward, plus padding and products). The constant is the crossover
-// measured with tools/bench_ops.py on the 2-core development machine
-// (docs/PERFORMANCE.md).
-constexpr double kFftCostPerPoint = 6.0;
+// forward + backward, plus padding and products). The constant is the median of
+// `python tools/bench_ops.py --crossover` (forward + backward, per-sample kernels,
+// 28×28 K 3..13, 64×64 K 5..17, L=784 K 9..127; 2 threads) on the 2-core
+// development machine, 2026-11-22: 3.68 (per-size values 2.3..6.3).
+constexpr double kFftCostPerPoint = 3.7;
 
 bool prefer_fft(int64_t H, int64_t W, int64_t Kh, int64_t Kw) {
   const int64_t nh = H == 1 ? 1 : good_fft_size(H + Kh - 1 - same_pad_before(Kh));
