@@ -4,7 +4,8 @@
 #   2. `terminator build`: compiles the C++ ops on the fly; in CI it must be the C++ backend
 #   3. every .cu compiled with nvcc against the CUDA build of torch's headers
 #   4. the op tests again on the pure-PyTorch fallback (TERMINATOR_BACKEND=reference)
-#   5. the whole suite on the compiled backend
+#   5. the op tests under AddressSanitizer + UBSan (tools/sanitize.sh)
+#   6. the whole suite on the compiled backend
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,7 +15,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch is pinned: 2.13.0's CPU wheel (a plain "torch" would pull a multi-GB CUDA build).
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,train]"
 
 echo "== terminator build"
 .venv/bin/python -m terminator build
@@ -28,6 +29,14 @@ fi
 
 echo "== op tests on the reference backend"
 TERMINATOR_BACKEND=reference .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_errors.py
+
+# ---- hardening (issue 7) ------------------------------------------------------------
+# The op tests (and a fuzz sample) against an ASan + UBSan build of the C++ ops; any
+# sanitizer report fails CI. The fuzz sample (tests/test_fuzz.py), determinism and
+# build-fault tests run in the full suite below; tests/test_large_index.py is opt-in.
+echo "== op tests under AddressSanitizer + UndefinedBehaviorSanitizer (tools/sanitize.sh)"
+bash tools/sanitize.sh
+# ---- end of hardening -----------------------------------------------------------------
 
 echo "== full suite on the compiled backend"
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
