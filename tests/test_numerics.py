@@ -69,14 +69,6 @@ def test_fft_path_spreads_an_inf_in_the_kernel_over_the_plane_only():
 
 # A NaN/Inf in the kernel over the zero padding, or an Inf in x, must not turn a
 # gradient element that the reference computes as finite into NaN.
-# Fails since ac17ed7 (direct kernels on zero-padded planes in 16-column blocks): the
-# input gradient multiplies grad_y's zero padding by the kernel's NaN, and the weight
-# gradient multiplies grad_y's zero lanes past W by x's Inf.
-KNOWN_NAN_LEAK = pytest.mark.xfail(strict=True, reason="direct kernels leak 0·NaN / 0·Inf from padding into "
-                                   "gradients (since ac17ed7); fix in csrc/cpu/kernels.cpp, then drop this mark")
-
-
-@KNOWN_NAN_LEAK
 def test_direct_input_gradient_keeps_a_nan_kernel_tap_off_the_border():
     x = torch.randn(1, 1, 6, dtype=torch.float64)
     w = torch.tensor([[NAN, 1.0, 2.0]], dtype=torch.float64)
@@ -87,7 +79,6 @@ def test_direct_input_gradient_keeps_a_nan_kernel_tap_off_the_border():
     assert torch.equal(gx.isnan(), gx_ref.isnan())
 
 
-@KNOWN_NAN_LEAK
 def test_direct_weight_gradient_keeps_an_inf_in_x_to_the_taps_that_meet_it():
     x = torch.randn(1, 1, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     x[0, 0, 3] = INF

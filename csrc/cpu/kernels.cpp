@@ -193,6 +193,29 @@ void correlate_padded(const acc_t* p, int64_t stride, const acc_t* w, int64_t Kh
   }
 }
 
+// The same sum over only the taps that meet the plane itself: for a kernel with a
+// NaN or Inf, whose products with the padding's zeros would be NaN where the
+// reference has a number. Rare, so plain loops.
+template <typename scalar_t, typename acc_t>
+void correlate_valid_taps(const acc_t* p, const PaddedPlane& g, const acc_t* w, int64_t Kh,
+                          int64_t Kw, int64_t H, int64_t W, scalar_t* out) {
+  for (int64_t i = 0; i < H; ++i) {
+    for (int64_t j = 0; j < W; ++j) {
+      acc_t acc = 0;
+      for (int64_t qi = 0; qi < Kh; ++qi) {
+        const int64_t r = i + qi - g.top;
+        if (r < 0 || r >= H) continue;
+        for (int64_t qj = 0; qj < Kw; ++qj) {
+          const int64_t c = j + qj - g.left;
+          if (c < 0 || c >= W) continue;
+          acc += w[qi * Kw + qj] * p[(i + qi) * g.stride + j + qj];
+        }
+      }
+      out[i * W + j] = static_cast<scalar_t>(acc);
+    }
+  }
+}
+
 // gw[qi, qj] += Σ_{i, j} g[i, j] · p[i + qi, j + qj]; g's rows (stride g_stride) are
 // zero past W, so whole blocks can be summed.
 template <typename acc_t>
@@ -204,9 +227,12 @@ void weight_grad_padded(const acc_t* g, int64_t g_stride, const acc_t* p, int64_
       for (int64_t i = 0; i < H; ++i) {
         const acc_t* g_row = g + i * g_stride;
         const acc_t* p_row = p + (i + qi) * stride + qj;
-        for (int64_t jb = 0; jb < W; jb += kBlock) {
+        int64_t jb = 0;
+        for (; jb + kBlock <= W; jb += kBlock) {
           for (int64_t t = 0; t < kBlock; ++t) acc[t] += g_row[jb + t] * p_row[jb + t];
         }
+        // The tail stops at W: a lane past it would multiply a zero by x (0·Inf = NaN).
+        for (int64_t t = 0; jb + t < W; ++t) acc[t] += g_row[jb + t] * p_row[jb + t];
       }
       acc_t sum = 0;
       for (int64_t t = 0; t < kBlock; ++t) sum += acc[t];
@@ -235,9 +261,17 @@ at::Tensor correlate_planes(const at::Tensor& in, const at::Tensor& w, bool flip
       std::vector<acc_t> padded(geo.rows * geo.stride), kernel(K);
       for (int64_t p = p0; p < p1; ++p) {
         const scalar_t* w_plane = wp + (shared ? p % C : p) * K;
-        for (int64_t q = 0; q < K; ++q) kernel[q] = acc_t(w_plane[flip ? K - 1 - q : q]);
+        bool finite = true;
+        for (int64_t q = 0; q < K; ++q) {
+          kernel[q] = acc_t(w_plane[flip ? K - 1 - q : q]);
+          finite = finite && std::isfinite(kernel[q]);
+        }
         pad_plane(inp + p * H * W, H, W, geo, padded.data());
-        correlate_padded(padded.data(), geo.stride, kernel.data(), Kh, Kw, H, W, outp + p * H * W);
+        if (finite) {
+          correlate_padded(padded.data(), geo.stride, kernel.data(), Kh, Kw, H, W, outp + p * H * W);
+        } else {
+          correlate_valid_taps(padded.data(), geo, kernel.data(), Kh, Kw, H, W, outp + p * H * W);
+        }
       }
     });
   });
