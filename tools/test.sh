@@ -9,13 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
-fi
-# torch is pinned: 2.13.0's CPU wheel (a plain "torch" would pull a multi-GB CUDA build).
-.venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,train]"
+bash tools/setup_venv.sh "test,train"
 
 echo "== terminator build"
 .venv/bin/python -m terminator build
