@@ -5,6 +5,7 @@ Tiny models on scikit-learn's digits (8×8) or idx files the tests write; second
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import os
@@ -63,7 +64,9 @@ def test_config_yaml_and_overrides(tmp_path):
 def test_train_resume_eval_exact(tmp_path, capsys):
     """Two epochs in two sessions (stop after 1, resume) equal two epochs in one session, bit for bit."""
     a, b = tmp_path / "a", tmp_path / "b"
-    assert main(["train", "--dataset", "digits", "--epochs", "2", "--out", str(a), "--set", "stop_after=1", *TINY]) == 0
+    # run a also logs test accuracy each epoch (track_test): that must not change training
+    assert main(["train", "--dataset", "digits", "--epochs", "2", "--out", str(a), "--set", "stop_after=1",
+                 "--set", "track_test=true", *TINY]) == 0
     ck = load_checkpoint(a / "last.pt")
     assert ck["epoch"] == 1 and len(ck["history"]) == 1
     assert {"model", "optimizer", "scheduler", "rng", "config", "model_config"} <= set(ck)
@@ -81,6 +84,11 @@ def test_train_resume_eval_exact(tmp_path, capsys):
     rows = (a / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,train_loss,train_ce,train_acc,slow_loss,val_loss,val_acc,lr,seconds")
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+    with open(a / "metrics.csv", newline="") as f:
+        hist = list(csv.DictReader(f))
+    assert all(0 <= float(r["test_acc"]) <= 1 for r in hist)
+    # training seconds accumulate across the two sessions
+    assert float(hist[1]["train_seconds"]) == pytest.approx(float(hist[0]["seconds"]) + float(hist[1]["seconds"]))
     capsys.readouterr()
 
     assert main(["eval", "--checkpoint", str(a / "best.pt")]) == 0
@@ -197,8 +205,8 @@ def test_cli_help_and_bench_passthrough():
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 40)])
 def test_plots_write_pngs(tmp_path, shape):
     pytest.importorskip("matplotlib")
-    from terminator.train.loop import METRIC_FIELDS, build_model
-    from terminator.train.plots import plot_curves, plot_kernels, plot_scores
+    from terminator.train.loop import METRIC_FIELDS, _write_metrics, build_model
+    from terminator.train.plots import plot_curves, plot_kernels, plot_scores, plot_time_to_accuracy
 
     overrides = parse_set([a for a in TINY[1::2] if a.startswith("model.")])
     cfg = TrainConfig(dataset="digits" if len(shape) == 3 else "mnist1d", model=overrides["model"])
@@ -208,7 +216,10 @@ def test_plots_write_pngs(tmp_path, shape):
     plot_curves(history, tmp_path / "curves.png")
     plot_kernels(model, tmp_path / "kernels.png")
     plot_scores(model, torch.randn(3, *shape), torch.tensor([0, 1, 2]), tmp_path / "scores.png")
-    for name in ("curves.png", "kernels.png", "scores.png"):
+    _write_metrics(tmp_path, history)
+    plot_time_to_accuracy({"a": tmp_path / "metrics.csv", "b": tmp_path / "metrics.csv"}, tmp_path / "tta.png",
+                          targets=(0.935,))
+    for name in ("curves.png", "kernels.png", "scores.png", "tta.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

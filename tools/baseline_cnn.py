@@ -36,6 +36,15 @@ def baseline_cnn(num_classes: int = 10) -> nn.Module:
     )
 
 
+def write_metrics(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["epoch", "train_seconds", "test_acc"])
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
     model.eval()
@@ -82,10 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         acc = accuracy(model, d.test_x, d.test_y)
         rows.append({"epoch": epoch + 1, "train_seconds": elapsed, "test_acc": acc})
         print(f"epoch {epoch + 1:>2}/{args.epochs}  {elapsed:7.1f} s  test acc {acc:.4f}", flush=True)
-    with open(out / "metrics.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["epoch", "train_seconds", "test_acc"])
-        w.writeheader()
-        w.writerows(rows)
+        write_metrics(out / "metrics.csv", rows)  # every epoch: a stopped run keeps its curve
     result = {"model": "baseline_cnn", "parameters": params, "test_acc": rows[-1]["test_acc"] if rows else None,
               "train_seconds": elapsed, "epochs": args.epochs, "seed": args.seed, "threads": args.threads}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -30,7 +30,7 @@ __all__ = ["train", "evaluate_checkpoint", "load_checkpoint", "CheckpointRefused
 
 CHECKPOINT_FORMAT = "terminator-checkpoint-v1"
 METRIC_FIELDS = ["epoch", "train_loss", "train_ce", "train_acc", "slow_loss", "val_loss", "val_acc", "lr",
-                 "seconds", "samples_per_s"]
+                 "seconds", "samples_per_s", "train_seconds", "test_acc"]
 
 
 class CheckpointRefused(RuntimeError):
@@ -352,9 +352,14 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> dict:
                "train_acc": float(sums[3]) / n, "slow_loss": float(sums[2]) / n,
                "val_loss": float("nan"), "val_acc": float("nan"), "lr": float(sched.get_last_lr()[0]),
                "seconds": seconds, "samples_per_s": n / seconds}
+        # training seconds summed over epochs (and sessions): the x axis of time-to-accuracy
+        row["train_seconds"] = (history[-1].get("train_seconds") or 0.0) + seconds if history else seconds
         if splits.val_y is not None:
             v = _evaluate(model, splits.val_x, splits.val_y, cfg.eval_batch_size, d, splits.num_classes)
             row["val_loss"], row["val_acc"] = v["loss"], v["acc"]
+        if cfg.track_test:
+            row["test_acc"] = _evaluate(model, splits.test_x, splits.test_y, cfg.eval_batch_size, d,
+                                        splits.num_classes)["acc"]
         history.append(row)
         # best.pt: the best validation accuracy; without a validation split, the last epoch
         metric = row["val_acc"] if splits.val_y is not None else float(epoch + 1)
@@ -373,7 +378,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> dict:
             val = (f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}" if splits.val_y is not None
                    else "no validation split")
             log(f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
-                f"  {val}  lr {row['lr']:.2e}"
+                f"  {val}" + (f"  test acc {row['test_acc']:.4f}" if cfg.track_test else "") + f"  lr {row['lr']:.2e}"
                 f"  {seconds:.1f}s {row['samples_per_s']:.0f}/s")
         _barrier(d)
     train_seconds = time.perf_counter() - t_run

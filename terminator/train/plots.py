@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-__all__ = ["plot_curves", "plot_kernels"]
+__all__ = ["plot_curves", "plot_kernels", "plot_scores", "plot_time_to_accuracy", "read_metrics"]
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
@@ -30,6 +30,9 @@ def plot_curves(history: list[dict], path: Path) -> None:
     axes[1].plot(ep, [r["train_acc"] for r in history], label="train")
     if has_val:
         axes[1].plot(ep, [r["val_acc"] for r in history], label="val")
+    tested = [(r["epoch"], r["test_acc"]) for r in history if _finite(r.get("test_acc"))]
+    if tested:
+        axes[1].plot(*zip(*tested), label="test (tracked)")
     axes[1].set_title("accuracy")
     axes[2].plot(ep, [r["lr"] for r in history])
     axes[2].set_title("learning rate (end of epoch)")
@@ -127,4 +130,46 @@ def plot_scores(model, x: torch.Tensor, y: torch.Tensor | None, path: Path) -> N
     fig.suptitle("pixel-level scores of the hyper interaction (k_s ⊙ y_s ⊙ y_s) per block")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """A ``metrics.csv`` (ours or tools/baseline_cnn.py's) as a list of float dicts."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{k: float(v) if _finite(v) else float("nan") for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def plot_time_to_accuracy(runs: dict[str, str | Path], path: Path, targets: tuple[float, ...] = (),
+                          y_min: float | None = None) -> None:
+    """Test accuracy after each epoch against training seconds, one line per run.
+
+    ``runs``: label → metrics.csv holding ``train_seconds`` and ``test_acc`` columns.
+    ``targets``: accuracies drawn as horizontal dashed lines.
+    """
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, csv_path in runs.items():
+        pts = [(r["train_seconds"] / 60, r["test_acc"]) for r in read_metrics(csv_path)
+               if _finite(r.get("train_seconds")) and _finite(r.get("test_acc"))]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", markersize=3, label=label)
+    for t in targets:
+        ax.axhline(t, ls="--", lw=0.8, color="gray")
+        ax.text(ax.get_xlim()[0], t, f" {t:.1%}", va="bottom", fontsize=7, color="gray")
+    if y_min is not None:
+        ax.set_ylim(bottom=y_min)
+    ax.set_xlabel("training time (minutes, evaluation excluded)")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)
