@@ -26,7 +26,13 @@ inline std::string dtype_str(at::ScalarType t) {
 // Activations are (B, C, *S) with S = (L,) or (H, W).
 inline int64_t spatial_dims(const at::Tensor& t) { return t.dim() - 2; }
 
+// Raw torch.ops calls can pass None for a Tensor argument: an undefined tensor.
+inline void check_defined(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(t.defined(), name, " must be a torch.Tensor, got NoneType");
+}
+
 inline void check_floating(const at::Tensor& t, const char* name) {
+  check_defined(t, name);
   const auto dtype = t.scalar_type();
   TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
                         dtype == at::kBFloat16,
@@ -35,6 +41,7 @@ inline void check_floating(const at::Tensor& t, const char* name) {
 }
 
 inline void check_activation(const at::Tensor& t, const char* name) {
+  check_defined(t, name);
   TORCH_CHECK_VALUE(t.dim() == 3 || t.dim() == 4, name,
                     " must have shape (B, C, L) or (B, C, H, W), got ", shape_str(t.sizes()));
   check_floating(t, name);
@@ -42,6 +49,7 @@ inline void check_activation(const at::Tensor& t, const char* name) {
 
 inline void check_same_device_dtype(const at::Tensor& t, const char* name,
                                     const at::Tensor& ref, const char* ref_name) {
+  check_defined(t, name);
   TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on the same device as ",
                     ref_name, " (", ref.device(), "), got ", t.device());
   TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), name, " must have the same dtype as ",

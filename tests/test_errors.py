@@ -40,6 +40,15 @@ def test_wrong_rank(entry):
         _conv(entry)(torch.randn(1, 2, 5, 5), torch.randn(3))
 
 
+def test_none_for_a_tensor(entry):
+    with pytest.raises(TypeError, match=r"w must be a torch.Tensor, got NoneType"):
+        _conv(entry)(torch.randn(1, 2, 5, 5), None)
+    with pytest.raises(TypeError, match=r"k must be a torch.Tensor, got NoneType"):
+        _global(entry)(None, torch.randn(1, 2, 5))
+    with pytest.raises(TypeError, match=r"z must be a torch.Tensor, got NoneType"):
+        _global(entry)(torch.randn(2, 5), None)
+
+
 def test_mismatched_channels(entry):
     with pytest.raises(ValueError, match=r"k must have C=3 channels like z \(2, 3, 5\), got \(4, 5\)"):
         _global(entry)(torch.randn(4, 5), torch.randn(2, 3, 5))

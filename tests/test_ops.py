@@ -192,6 +192,19 @@ def test_global_empty_batch(form, mode):
     assert z.grad.shape == z.shape and x.grad.shape == x.shape
 
 
+@pytest.mark.parametrize("mode", ["dot", "conv"])
+@pytest.mark.parametrize("shape", [(2, 0, 5, 5), (2, 3, 0, 0), (2, 0, 7), (2, 3, 0)])
+def test_global_empty_channels_or_space(mode, shape):
+    """C = 0 or a spatial size of 0: an empty result and empty gradients, as the reference."""
+    z = torch.randn(shape, requires_grad=True)
+    k = torch.randn(shape[1:], requires_grad=True)
+    y = ops.hyperzzw_global(k, z, mode=mode)
+    expected = reference.hyperzzw_global(k.detach(), z.detach(), mode=mode)
+    assert y.shape == expected.shape == shape
+    y.sum().backward()
+    assert k.grad.shape == k.shape and z.grad.shape == z.shape
+
+
 @pytest.mark.parametrize("form", KERNEL_FORMS)
 @pytest.mark.parametrize("algo", ["direct", "fft"])
 def test_conv_empty_batch(form, algo):

@@ -31,8 +31,9 @@ def conv_same(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if w.dim() == x.dim() - 1:
         w = w.unsqueeze(0)
     kernel_size = w.shape[2:]
-    if batch == 0:
-        # Empty result that still belongs to both inputs' graphs.
+    if x.numel() == 0 or w.numel() == 0:
+        # B, C or a spatial size of 0 (grouped convolutions refuse them): an empty result
+        # that still belongs to both inputs' graphs.
         return x * (w.sum() * 0)
     w = w.expand(batch, channels, *kernel_size)
     conv = F.conv1d if len(spatial) == 1 else F.conv2d
