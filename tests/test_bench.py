@@ -23,3 +23,19 @@ def test_bench_ops_tiny(tmp_path):
     for r in data["results"]:
         assert r["fwdbwd"]["ours"] > 0 and r["fwdbwd"]["eager"] > 0
         assert set(r["peak_mb"]) >= {"ours", "eager"}
+
+
+def test_train_speed_tiny(tmp_path):
+    """tools/train_speed.py: both backends' workers and the step profile, on a tiny batch."""
+    out_json = tmp_path / "speed.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "train_speed.py"), "--preset", "mnist1d", "--batch-size", "4",
+         "--rounds", "1", "--steps", "1", "--warmup", "0", "--threads", "1", "--profile", "--profile-steps", "1",
+         "--json", str(out_json)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "compiled / reference" in result.stdout and "profile of one training step" in result.stdout
+    data = json.loads(out_json.read_text())
+    assert set(data["samples_per_s"]) == {"cpp", "reference"} and data["ratio"] > 0
+    assert data["profile"]["total_ms"] > 0 and data["profile"]["groups"]
