@@ -49,11 +49,14 @@ if [ -z "$ASAN_LIB" ]; then
 fi
 
 LOGS=$(mktemp -d "${TMPDIR:-/tmp}/terminator-sanitize.XXXXXX")
-export LD_PRELOAD="$ASAN_LIB${STDCXX_LIB:+:$STDCXX_LIB}${LD_PRELOAD:+:$LD_PRELOAD}"
+# Only the Python processes get the runtimes (SAN prefix); the shell's own tools (tee,
+# find, the compiler of the self-test) run as usual.
+PRELOAD="$ASAN_LIB${STDCXX_LIB:+:$STDCXX_LIB}${LD_PRELOAD:+:$LD_PRELOAD}"
+SAN=(env "LD_PRELOAD=$PRELOAD")
 export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:log_path=$LOGS/asan${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:log_path=$LOGS/ubsan${UBSAN_OPTIONS:+:$UBSAN_OPTIONS}"
 export TERMINATOR_SANITIZE=1 TERMINATOR_BACKEND=cpp
-echo "sanitize: LD_PRELOAD=$LD_PRELOAD"
+echo "sanitize: LD_PRELOAD=$PRELOAD"
 echo "sanitize: reports go to $LOGS"
 
 OUTPUT=$(mktemp "${TMPDIR:-/tmp}/terminator-sanitize-output.XXXXXX")
@@ -72,11 +75,12 @@ fail_on_reports() {
 }
 
 echo "== sanitizer build"
-"$PY" -m terminator build 2> >(tee -a "$OUTPUT" >&2)
+"${SAN[@]}" "$PY" -m terminator build 2> >(tee -a "$OUTPUT" >&2)
 fail_on_reports
 
 echo "== sanitizer self-test (a deliberate out-of-bounds read and signed overflow must be reported)"
 SELF=$(mktemp -d "${TMPDIR:-/tmp}/terminator-sanitize-self.XXXXXX")
+trap 'rm -rf "$SELF"' EXIT
 cat > "$SELF/bad.cpp" <<'EOF'
 #include <climits>
 #include <cstdlib>
@@ -89,12 +93,12 @@ extern "C" int read_past_end(int n) {
 }
 extern "C" int overflow(int x) { return INT_MAX - 1 + x; }  // x = 5: signed overflow
 EOF
-read -r -a FLAGS <<< "$("$PY" -c 'from terminator.ops import _build; print(" ".join(_build.SANITIZE_FLAGS))')"
+read -r -a FLAGS <<< "$(TERMINATOR_BACKEND=reference "$PY" -c 'from terminator.ops import _build; print(" ".join(_build.SANITIZE_FLAGS))')"
 "${CXX:-c++}" "${FLAGS[@]}" -shared -fPIC "$SELF/bad.cpp" -o "$SELF/bad.so"
 for fn in read_past_end overflow; do
   rm -rf "$SELF/logs" && mkdir "$SELF/logs"
   if ASAN_OPTIONS="detect_leaks=0:log_path=$SELF/logs/asan" UBSAN_OPTIONS="halt_on_error=1" \
-     "$PY" -c "import ctypes, sys; ctypes.CDLL(sys.argv[1]).$fn(5)" "$SELF/bad.so" 2>"$SELF/logs/stderr"; then
+     "${SAN[@]}" "$PY" -c "import ctypes, sys; ctypes.CDLL(sys.argv[1]).$fn(5)" "$SELF/bad.so" 2>"$SELF/logs/stderr"; then
     echo "sanitize: self-test FAILED: $fn ran to the end without a sanitizer stopping it" >&2; exit 1
   fi
   if ! grep -qE "heap-buffer-overflow|signed integer overflow" "$SELF"/logs/* 2>/dev/null; then
@@ -108,7 +112,7 @@ echo "== op tests under ASan + UBSan"
 # gradcheck/gradgradcheck (thousands of tiny calls; the same paths as the reference
 # tests) and torch.compile (compiles and runs Inductor's code, not ours) are left out.
 status=0
-TERMINATOR_FUZZ_CASES=${TERMINATOR_FUZZ_CASES:-150} "$PY" -m pytest -q -s -p no:cacheprovider \
+TERMINATOR_FUZZ_CASES=${TERMINATOR_FUZZ_CASES:-150} "${SAN[@]}" "$PY" -m pytest -q -s -p no:cacheprovider \
   tests/test_ops.py tests/test_errors.py tests/test_numerics.py tests/test_fuzz.py \
   -k "not gradcheck and not gradgradcheck and not torch_compile" "$@" 2> >(tee -a "$OUTPUT" >&2) || status=$?
 fail_on_reports
