@@ -168,7 +168,9 @@ def peak_memory(run: Callable[[], None]) -> int | None:
 
 def copy_bandwidth(repeats: int) -> float:
     """Bytes/s of a large tensor copy (read + write), the memory-bound yardstick."""
-    src = torch.randn(64 * 36 * 28 * 28 * 4)  # ~29 MB, well past the caches
+    # 256 MB each way: far past any last-level cache (a 29 MB buffer partly fit this
+    # machine's 32 MiB L3 and read anywhere from 70 to 118 GB/s between runs).
+    src = torch.randn(64 * 2**20)
     dst = torch.empty_like(src)
     times = []
     for _ in range(repeats + 3):
