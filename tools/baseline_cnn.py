@@ -13,7 +13,6 @@ epochs (15), batch 128, standardized inputs, no augmentation. Writes one CSV row
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import nn
 
 from terminator.train.config import TrainConfig
 from terminator.train.data import load_dataset
+from terminator.train.loop import write_csv_atomic
 
 
 def baseline_cnn(num_classes: int = 10) -> nn.Module:
@@ -34,15 +34,6 @@ def baseline_cnn(num_classes: int = 10) -> nn.Module:
         nn.Dropout(0.25), nn.Flatten(), nn.Linear(128 * 7 * 7, 256), nn.ReLU(), nn.Dropout(0.5),
         nn.Linear(256, num_classes),
     )
-
-
-def write_metrics(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["epoch", "train_seconds", "test_acc"])
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
 
 
 @torch.no_grad()
@@ -91,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         acc = accuracy(model, d.test_x, d.test_y)
         rows.append({"epoch": epoch + 1, "train_seconds": elapsed, "test_acc": acc})
         print(f"epoch {epoch + 1:>2}/{args.epochs}  {elapsed:7.1f} s  test acc {acc:.4f}", flush=True)
-        write_metrics(out / "metrics.csv", rows)  # every epoch: a stopped run keeps its curve
+        # every epoch: a stopped run keeps its curve
+        write_csv_atomic(out / "metrics.csv", rows, ["epoch", "train_seconds", "test_acc"])
     result = {"model": "baseline_cnn", "parameters": params, "test_acc": rows[-1]["test_acc"] if rows else None,
               "train_seconds": elapsed, "epochs": args.epochs, "seed": args.seed, "threads": args.threads}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -429,15 +429,20 @@ def _backend_name() -> str:
         return f"unavailable ({exc})"
 
 
+def write_csv_atomic(path: Path, rows: list[dict], fields: list[str]) -> None:
+    """Writes ``rows`` (only ``fields``, in that order) as CSV to a temporary file, then renames it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: row.get(k) for k in fields})
+    os.replace(tmp, path)
+
+
 def _write_metrics(out: Path, history: list[dict]) -> None:
     """Rewrites ``metrics.csv`` from the history (a resumed run never duplicates or loses a row)."""
-    tmp = out / f".metrics.csv.{os.getpid()}.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
-        w.writeheader()
-        for row in history:
-            w.writerow({k: row.get(k) for k in METRIC_FIELDS})
-    os.replace(tmp, out / "metrics.csv")
+    write_csv_atomic(out / "metrics.csv", history, METRIC_FIELDS)
 
 
 # ------------------------------------------------------------------------------------------ eval
