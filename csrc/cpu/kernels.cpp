@@ -372,14 +372,18 @@ bool prefer_fft(int64_t H, int64_t W, int64_t Kh, int64_t Kw) {
 // The forward through oneDNN (use_aten_depthwise) beat the FFT forward at every 2D
 // kernel up to 9×9 benchmarked (28×28, 32×32, 64×64: 1.1-1.8 ms against 6.2-13 ms at
 // B=64, C=36; docs/PERFORMANCE.md), where prefer_fft may still pick the FFT for
-// forward + backward together (the backward's weight gradient decides that).
-bool prefer_direct_forward(const at::Tensor& x4, const at::Tensor& w4) {
-  return w4.size(2) <= 9 && w4.size(3) <= 9 && use_aten_depthwise(x4, w4);
+// forward + backward together (the backward's weight gradient decides that). Checked
+// and run here in one step, so the kernel's finiteness is scanned once.
+at::Tensor preferred_direct_forward(const at::Tensor& x4, const at::Tensor& w4) {
+  if (w4.size(2) <= 9 && w4.size(3) <= 9 && use_aten_depthwise(x4, w4)) {
+    return aten_depthwise(x4, w4, /*flip=*/false);
+  }
+  return {};
 }
 
 struct CpuKernels {
   static constexpr auto prefer_fft = &cpu::prefer_fft;
-  static constexpr auto prefer_direct_forward = &cpu::prefer_direct_forward;
+  static constexpr auto preferred_direct_forward = &cpu::preferred_direct_forward;
   static constexpr auto global_dot_forward = &cpu::global_dot_forward;
   static constexpr auto global_dot_backward = &cpu::global_dot_backward;
   static constexpr auto conv_direct_forward = &cpu::conv_direct_forward;

@@ -155,7 +155,7 @@ struct DeviceKernels {
   }
 
   // No forward-only rule on this device: prefer_fft decides forward and backward alike.
-  static bool prefer_direct_forward(const at::Tensor&, const at::Tensor&) { return false; }
+  static at::Tensor preferred_direct_forward(const at::Tensor&, const at::Tensor&) { return {}; }
 
  private:
   // Correlates every plane of `in` with its kernel plane; `flip` = input gradient.
