@@ -11,9 +11,6 @@
 //   static at::Tensor conv_direct_weight_grad(grad_y, x, w);   // -> like w
 //   // algo="auto": whether the FFT path beats the direct kernel on this device.
 //   static bool prefer_fft(int64_t H, int64_t W, int64_t Kh, int64_t Kw);
-//   // algo="auto", forward only: the direct forward where it is known to beat the FFT
-//   // forward even if prefer_fft picks the FFT for the pair; undefined elsewhere.
-//   static at::Tensor preferred_direct_forward(const at::Tensor& x4, const at::Tensor& w4);
 //
 // cpu/kernels.cpp and cuda/kernels.cu instantiate these templates.
 #pragma once
@@ -54,10 +51,6 @@ struct Ops {
 
   // ---- hyperkernel_conv ---------------------------------------------------
   static at::Tensor conv_planes(const at::Tensor& x4, const at::Tensor& w4, ConvAlgo algo) {
-    if (algo == ConvAlgo::Auto) {
-      auto y4 = Kernels::preferred_direct_forward(x4, w4);
-      if (y4.defined()) return y4;
-    }
     if (use_fft(algo, x4, w4)) return conv_fft_forward(x4, w4);
     return Kernels::conv_direct_forward(x4, w4);
   }

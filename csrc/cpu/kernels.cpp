@@ -381,43 +381,11 @@ at::Tensor correlate_planes(const at::Tensor& in, const at::Tensor& w, bool flip
   return out;
 }
 
-// oneDNN's depthwise convolution, reached through ATen (the call the reference makes),
-// is 2-7x faster than correlate_planes for 2D planes with small odd kernels (forward and
-// input gradient; docs/PERFORMANCE.md). It is used for float32/float64 2D planes with odd
-// kernels whose taps are all finite: with an inf or NaN tap, correlate_planes' rule that
-// padding contributes nothing (no 0·inf) is kept. 1D planes stay with correlate_planes,
-// which was measured faster than ATen's grouped conv1d.
-bool use_aten_depthwise(const at::Tensor& in, const at::Tensor& w) {
-  const auto t = in.scalar_type();
-  return (t == at::kFloat || t == at::kDouble) && in.size(2) > 1 && w.size(2) % 2 == 1 &&
-         w.size(3) % 2 == 1 && in.numel() > 0 && w.numel() > 0 &&
-         at::isfinite(w).all().item<bool>();
-}
-
-// "same" correlation of each (b, c) plane with kernel plane (b or 0, c) as a grouped
-// convolution; `flip` correlates with the reversed kernel (the input gradient, which for
-// odd kernels needs the same symmetric padding).
-at::Tensor aten_depthwise(const at::Tensor& in, const at::Tensor& w, bool flip) {
-  const int64_t B = in.size(0), C = in.size(1), H = in.size(2), W = in.size(3);
-  const int64_t Kh = w.size(2), Kw = w.size(3);
-  const auto k = flip ? w.flip({2, 3}) : w;
-  const std::vector<int64_t> pad = {Kh / 2, Kw / 2};
-  if (w.size(0) == 1) {  // shared: one group per channel
-    return at::conv2d(in, k.reshape({C, 1, Kh, Kw}), {}, 1, pad, 1, C).contiguous();
-  }
-  // per-sample: the batch folded into the groups
-  return at::conv2d(in.reshape({1, B * C, H, W}), k.reshape({B * C, 1, Kh, Kw}), {}, 1, pad, 1, B * C)
-      .reshape({B, C, H, W})
-      .contiguous();
-}
-
 at::Tensor conv_direct_forward(const at::Tensor& x, const at::Tensor& w) {
-  if (use_aten_depthwise(x, w)) return aten_depthwise(x, w, /*flip=*/false);
   return correlate_planes(x, w, /*flip=*/false);
 }
 
 at::Tensor conv_direct_input_grad(const at::Tensor& gy, const at::Tensor& w) {
-  if (use_aten_depthwise(gy, w)) return aten_depthwise(gy, w, /*flip=*/true);
   return correlate_planes(gy, w, /*flip=*/true);
 }
 
@@ -459,11 +427,13 @@ at::Tensor conv_direct_weight_grad(const at::Tensor& gy, const at::Tensor& x,
 
 // algo="auto": direct costs H·W·Kh·Kw multiply-adds per plane, the FFT path
 // about kFftCostPerPoint · n·log2(n) for n padded points (five transforms for
-// forward + backward, plus padding and products). The constant is the median of
+// forward + backward, plus padding and products). The constant is from
 // `python tools/bench_ops.py --crossover` (forward + backward, per-sample kernels,
-// 28×28 K 3..13, 64×64 K 5..17, L=784 K 9..127; 2 threads) on the 2-core
-// development machine, 2026-11-22: 3.68 (per-size values 2.3..6.3).
-constexpr double kFftCostPerPoint = 3.7;
+// 28×28 K 3..27, 64×64 K 5..63, L=784 K 9..783; 2 threads) on the 2-core development
+// machine, 2026-11-22, after the direct kernels were vectorized: the median over the
+// 13 pairs within 3x of each other, 28.1 (those pairs' values 12.6..42). The direct
+// path wins up to about 19×19 at 28×28, 21×21 at 64×64 and K=255 at L=784.
+constexpr double kFftCostPerPoint = 28.0;
 
 bool prefer_fft(int64_t H, int64_t W, int64_t Kh, int64_t Kw) {
   const int64_t nh = H == 1 ? 1 : good_fft_size(H + Kh - 1 - same_pad_before(Kh));
@@ -473,21 +443,8 @@ bool prefer_fft(int64_t H, int64_t W, int64_t Kh, int64_t Kw) {
   return kFftCostPerPoint * points * std::log2(points + 1.0) < direct;
 }
 
-// The forward through oneDNN (use_aten_depthwise) beat the FFT forward at every 2D
-// kernel up to 9×9 benchmarked (28×28, 32×32, 64×64: 1.1-1.8 ms against 6.2-13 ms at
-// B=64, C=36; docs/PERFORMANCE.md), where prefer_fft may still pick the FFT for
-// forward + backward together (the backward's weight gradient decides that). Checked
-// and run here in one step, so the kernel's finiteness is scanned once.
-at::Tensor preferred_direct_forward(const at::Tensor& x4, const at::Tensor& w4) {
-  if (w4.size(2) <= 9 && w4.size(3) <= 9 && use_aten_depthwise(x4, w4)) {
-    return aten_depthwise(x4, w4, /*flip=*/false);
-  }
-  return {};
-}
-
 struct CpuKernels {
   static constexpr auto prefer_fft = &cpu::prefer_fft;
-  static constexpr auto preferred_direct_forward = &cpu::preferred_direct_forward;
   static constexpr auto global_dot_forward = &cpu::global_dot_forward;
   static constexpr auto global_dot_backward = &cpu::global_dot_backward;
   static constexpr auto conv_direct_forward = &cpu::conv_direct_forward;

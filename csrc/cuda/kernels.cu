@@ -172,7 +172,6 @@ struct CudaKernels {
   static constexpr auto conv_direct_input_grad = &Impl::conv_direct_input_grad;
   static constexpr auto conv_direct_weight_grad = &Impl::conv_direct_weight_grad;
   static constexpr auto prefer_fft = &Impl::prefer_fft;
-  static constexpr auto preferred_direct_forward = &Impl::preferred_direct_forward;
 };
 
 }  // namespace

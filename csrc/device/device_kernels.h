@@ -154,9 +154,6 @@ struct DeviceKernels {
     return !correlate_geometry(1, H, W, Kh, Kw, sizeof(float), Launcher::limits()).tiled;
   }
 
-  // No forward-only rule on this device: prefer_fft decides forward and backward alike.
-  static at::Tensor preferred_direct_forward(const at::Tensor&, const at::Tensor&) { return {}; }
-
  private:
   // Correlates every plane of `in` with its kernel plane; `flip` = input gradient.
   static at::Tensor correlate(const at::Tensor& in, const at::Tensor& w, bool flip) {
