@@ -5,6 +5,11 @@
 //   static at::Tensor global_dot_forward(k, z, x);
 //   static std::tuple<Tensor, Tensor, Tensor> global_dot_backward(grad_y, k, z, x);
 //       // -> (grad_k (Bk, C, N), grad_z, grad_x or undefined)
+//   // k (Bk, C, S, S), z / x / grad_y (B, C, S, S), contiguous; x undefined = "x is z".
+//   static at::Tensor global_matmul_forward(k, z, x);       // -> (B, C, S, S)
+//   static std::tuple<Tensor, Tensor, Tensor> global_matmul_backward(grad_y, k, z, x);
+//       // -> (grad_k (Bk, C, S, S), grad_z, grad_x or undefined); matmul_aten.h
+//       // serves any device
 //   // x / grad_y (B, C, H, W), w (Bk, C, Kh, Kw), contiguous.
 //   static at::Tensor conv_direct_forward(x, w);
 //   static at::Tensor conv_direct_input_grad(grad_y, w);   // -> (B, C, H, W)
@@ -17,6 +22,7 @@
 
 #include "common.h"
 #include "fft_conv.h"
+#include "matmul_aten.h"
 
 #include <torch/library.h>
 
@@ -102,12 +108,8 @@ struct Ops {
                                              x4.defined() ? x4.view({B, C, N}) : x4);
         return y.view(z.sizes());
       }
-      case GlobalMode::Matmul: {
-        const auto dtype = compute_dtype(z.scalar_type());
-        auto w_hat = k4.to(dtype) * z4.to(dtype);
-        auto y = at::matmul(w_hat, x4.defined() ? x4.to(dtype) : z4.to(dtype));
-        return y.to(z.scalar_type()).contiguous();
-      }
+      case GlobalMode::Matmul:
+        return Kernels::global_matmul_forward(k4, z4, x4).view(z.sizes());
       case GlobalMode::Conv: {
         const auto& u4 = x4.defined() ? x4 : z4;  // what Ŵ acts on
         // The FFT path forms Ŵ = k ⊙ z while padding; the direct kernel needs it whole.
@@ -143,22 +145,21 @@ struct Ops {
               gx.defined() ? gx.view(z.sizes()) : no_grad_x};
     }
 
-    // matmul and conv: y = op(Ŵ, x) with Ŵ = k ⊙ z; first the gradients of Ŵ
-    // and x, then the chain rule through the elementwise product.
+    if (m == GlobalMode::Matmul) {
+      auto [gk, gz, gx] = Kernels::global_matmul_backward(gy4, k4, z4, x4);
+      return {kernel_grad_like(gk, k), gz.view(z.sizes()),
+              gx.defined() ? gx.view(z.sizes()) : no_grad_x};
+    }
+
+    // conv: y = conv(x, Ŵ) with Ŵ = k ⊙ z; first the gradients of Ŵ and x, then the
+    // chain rule through the elementwise product.
     const auto dtype = compute_dtype(z.scalar_type());
     const auto u4 = x4.defined() ? x4 : z4;  // what Ŵ acts on
     at::Tensor g_what, g_u;
-    if (m == GlobalMode::Matmul) {
-      const auto w_hat = k4.to(dtype) * z4.to(dtype);
-      const auto gy = gy4.to(dtype);
-      g_what = at::matmul(gy, u4.to(dtype).transpose(-1, -2));
-      g_u = at::matmul(w_hat.transpose(-1, -2), gy);
-    } else {
-      std::tie(g_u, g_what) = use_fft(ConvAlgo::Auto, u4, k4)
-                                  ? conv_fft_backward(gy4, u4, k4, z4)
-                                  : conv_planes_backward(gy4, u4, k4 * z4, ConvAlgo::Direct);
-      g_what = g_what.to(dtype), g_u = g_u.to(dtype);
-    }
+    std::tie(g_u, g_what) = use_fft(ConvAlgo::Auto, u4, k4)
+                                ? conv_fft_backward(gy4, u4, k4, z4)
+                                : conv_planes_backward(gy4, u4, k4 * z4, ConvAlgo::Direct);
+    g_what = g_what.to(dtype), g_u = g_u.to(dtype);
     auto gk = g_what * z4.to(dtype);
     if (kb == 1) gk = gk.sum(0, /*keepdim=*/true);
     auto gz = g_what * k4.to(dtype);

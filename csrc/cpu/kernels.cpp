@@ -144,6 +144,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_dot_backward(const at::Ten
   return {gk, gz, gx};
 }
 
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
 // 64 bytes of acc_t as one GCC/Clang vector: -march=native makes it one AVX-512
 // register (two AVX2 ones, four NEON ones elsewhere). The weight gradient's loops left
 // to the auto-vectorizer ran at 4.6 GMAC/s per core here; written with this, 40-53.
@@ -158,6 +160,188 @@ struct Vec64<double> {
   typedef double type __attribute__((vector_size(64), aligned(alignof(double))));
 };
 
+// ---- hyperzzw_global, mode="matmul" -------------------------------------------
+//
+// Planes up to kMatmulMaxSide on a side are multiplied from L1/L2-resident copies in
+// acc_t (rows padded with zeros to whole vectors), Ŵ = k ⊙ z formed while copying and
+// the gradients' elementwise products done while storing: one pass over each tensor
+// where ATen's path (matmul_aten.h, used beyond) makes a pass per product and GEMM.
+
+constexpr int64_t kMatmulMaxSide = 64;
+
+// A square plane of side S held as rows of `stride` acc_t (a whole number of vectors).
+template <typename acc_t>
+struct SquarePlane {
+  int64_t S, stride;
+  std::vector<acc_t> data;
+  explicit SquarePlane(int64_t side)
+      : S(side), stride(round_up(side, int64_t(sizeof(typename Vec64<acc_t>::type) / sizeof(acc_t)))),
+        data(side * stride, acc_t(0)) {}
+  acc_t* row(int64_t i) { return data.data() + i * stride; }
+  const acc_t* row(int64_t i) const { return data.data() + i * stride; }
+};
+
+// Rows [i, i + R), vectors [j, j + NV·L) of c = A · b, A(i, p) = a[i·a_row + p·a_col]
+// (a transposed A is a_row = 1, a_col = stride), b's rows `stride` apart.
+template <int R, int NV, typename acc_t>
+void gemm_tile(const acc_t* __restrict__ a, int64_t a_row, int64_t a_col,
+               const acc_t* __restrict__ b, int64_t stride, int64_t S, int64_t i, int64_t j,
+               acc_t* __restrict__ c) {
+  using V = typename Vec64<acc_t>::type;
+  constexpr int64_t L = sizeof(V) / sizeof(acc_t);
+  V acc[R][NV] = {};
+  for (int64_t p = 0; p < S; ++p) {
+    V bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const V*>(b + p * stride + j + v * L);
+    for (int r = 0; r < R; ++r) {
+      const acc_t av = a[(i + r) * a_row + p * a_col];
+      for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(c + (i + r) * stride + j + v * L) = acc[r][v];
+  }
+}
+
+// c = A · b for S × S planes (columns from S on of c are A · 0 = 0 when b's are zero).
+template <typename acc_t>
+void gemm_plane(const acc_t* a, int64_t a_row, int64_t a_col, const SquarePlane<acc_t>& b,
+                SquarePlane<acc_t>& c) {
+  constexpr int64_t L = sizeof(typename Vec64<acc_t>::type) / sizeof(acc_t);
+  const int64_t S = b.S, stride = b.stride, vectors = stride / L;
+  int64_t i = 0;
+  for (; i + 4 <= S; i += 4) {
+    for (int64_t v = 0; v < vectors; v += 2) {
+      auto tile = vectors - v >= 2 ? gemm_tile<4, 2, acc_t> : gemm_tile<4, 1, acc_t>;
+      tile(a, a_row, a_col, b.row(0), stride, S, i, v * L, c.data.data());
+    }
+  }
+  for (; i < S; ++i) {
+    for (int64_t v = 0; v < vectors; v += 2) {
+      auto tile = vectors - v >= 2 ? gemm_tile<1, 2, acc_t> : gemm_tile<1, 1, acc_t>;
+      tile(a, a_row, a_col, b.row(0), stride, S, i, v * L, c.data.data());
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void load_plane(const scalar_t* src, SquarePlane<acc_t>& dst) {
+  for (int64_t i = 0; i < dst.S; ++i) {
+    for (int64_t j = 0; j < dst.S; ++j) dst.row(i)[j] = acc_t(src[i * dst.S + j]);
+  }
+}
+
+// dst = k ⊙ z
+template <typename scalar_t, typename acc_t>
+void load_product(const scalar_t* k, const scalar_t* z, SquarePlane<acc_t>& dst) {
+  for (int64_t i = 0; i < dst.S; ++i) {
+    for (int64_t j = 0; j < dst.S; ++j) dst.row(i)[j] = acc_t(k[i * dst.S + j]) * acc_t(z[i * dst.S + j]);
+  }
+}
+
+// dst = srcᵀ, written row by row (strided reads, contiguous writes: measured faster
+// than the other order, whose strided scalar stores cost as much as a product).
+template <typename scalar_t, typename acc_t>
+void load_transposed(const scalar_t* __restrict__ src, SquarePlane<acc_t>& dst) {
+  const int64_t S = dst.S;
+  for (int64_t j = 0; j < S; ++j) {
+    acc_t* __restrict__ out = dst.row(j);
+    for (int64_t i = 0; i < S; ++i) out[i] = acc_t(src[i * S + j]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void store_plane(const SquarePlane<acc_t>& src, scalar_t* dst) {
+  for (int64_t i = 0; i < src.S; ++i) {
+    for (int64_t j = 0; j < src.S; ++j) dst[i * src.S + j] = static_cast<scalar_t>(src.row(i)[j]);
+  }
+}
+
+at::Tensor global_matmul_forward(const at::Tensor& k, const at::Tensor& z, const at::Tensor& x) {
+  const int64_t B = z.size(0), C = z.size(1), S = z.size(2);
+  if (S > kMatmulMaxSide) return matmul_forward_aten(k, z, x);
+  auto y = at::empty_like(z);
+  if (y.numel() == 0) return y;
+  const bool shared = k.size(0) == 1;
+  TERMINATOR_DISPATCH_FLOATING(z.scalar_type(), "global_matmul_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* kp = k.const_data_ptr<scalar_t>();
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.defined() ? x.const_data_ptr<scalar_t>() : zp;
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    const int64_t N = S * S;
+    at::parallel_for(0, B * C, grain_for(N * S), [&](int64_t p0, int64_t p1) {
+      SquarePlane<acc_t> w_hat(S), u(S), out(S);
+      for (int64_t p = p0; p < p1; ++p) {
+        load_product(kp + (shared ? p % C : p) * N, zp + p * N, w_hat);
+        load_plane(xp + p * N, u);
+        gemm_plane(w_hat.row(0), w_hat.stride, int64_t(1), u, out);
+        store_plane(out, yp + p * N);
+      }
+    });
+  });
+  return y;
+}
+
+// y = Ŵ · u with Ŵ = k ⊙ z (u = x, or z when x is absent) gives gŴ = gy · uᵀ,
+// gu = Ŵᵀ · gy, then gk = gŴ ⊙ z (summed over the batch for a shared k, in batch
+// order, so the result is the same for any thread count), gz = gŴ ⊙ k (+ gu when u is z).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> global_matmul_backward(const at::Tensor& gy,
+                                                                      const at::Tensor& k,
+                                                                      const at::Tensor& z,
+                                                                      const at::Tensor& x) {
+  const int64_t B = z.size(0), C = z.size(1), S = z.size(2);
+  if (S > kMatmulMaxSide) return matmul_backward_aten(gy, k, z, x);
+  const bool shared = k.size(0) == 1;
+  auto gk = at::empty_like(k);
+  auto gz = at::empty_like(z);
+  auto gx = x.defined() ? at::empty_like(z) : at::Tensor();
+  if (gk.numel() == 0) return {gk, gz, gx};
+  if (z.numel() == 0) return {gk.zero_(), gz, gx};  // a shared k with B = 0
+  TERMINATOR_DISPATCH_FLOATING(z.scalar_type(), "global_matmul_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gyp = gy.const_data_ptr<scalar_t>();
+    const scalar_t* kp = k.const_data_ptr<scalar_t>();
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    const scalar_t* up = x.defined() ? x.const_data_ptr<scalar_t>() : zp;
+    scalar_t* gkp = gk.mutable_data_ptr<scalar_t>();
+    scalar_t* gzp = gz.mutable_data_ptr<scalar_t>();
+    scalar_t* gxp = x.defined() ? gx.mutable_data_ptr<scalar_t>() : nullptr;
+    const int64_t N = S * S;
+    // A shared kernel's channel c sums planes (0, c), (1, c), ... in that order.
+    const int64_t batch_per_kernel = shared ? B : 1;
+    const int64_t kernels = shared ? C : B * C;
+    at::parallel_for(0, kernels, grain_for(batch_per_kernel * N * S), [&](int64_t k0, int64_t k1) {
+      SquarePlane<acc_t> w_hat(S), u_t(S), g(S), g_what(S), g_u(S), g_k(S);
+      for (int64_t kk = k0; kk < k1; ++kk) {
+        const scalar_t* k_plane = kp + kk * N;
+        std::fill(g_k.data.begin(), g_k.data.end(), acc_t(0));
+        for (int64_t b = 0; b < batch_per_kernel; ++b) {
+          const int64_t p = shared ? b * C + kk : kk;
+          const scalar_t* z_plane = zp + p * N;
+          load_product(k_plane, z_plane, w_hat);
+          load_transposed(up + p * N, u_t);
+          load_plane(gyp + p * N, g);
+          gemm_plane(g.row(0), g.stride, int64_t(1), u_t, g_what);  // gy · uᵀ
+          gemm_plane(w_hat.row(0), int64_t(1), w_hat.stride, g, g_u);  // Ŵᵀ · gy
+          for (int64_t i = 0; i < S; ++i) {
+            for (int64_t j = 0; j < S; ++j) {
+              const int64_t e = i * S + j;
+              const acc_t gw = g_what.row(i)[j];
+              g_k.row(i)[j] += gw * acc_t(z_plane[e]);
+              const acc_t gz_e = gw * acc_t(k_plane[e]);
+              gzp[p * N + e] = static_cast<scalar_t>(x.defined() ? gz_e : gz_e + g_u.row(i)[j]);
+            }
+          }
+          if (x.defined()) store_plane(g_u, gxp + p * N);
+        }
+        store_plane(g_k, gkp + kk * N);
+      }
+    });
+  });
+  return {gk, gz, gx};
+}
+
 // ---- depthwise "same" cross-correlation, direct ------------------------------
 //
 // Each plane is first copied, in the accumulation type, into a zero-padded
@@ -165,8 +349,6 @@ struct Vec64<double> {
 // computed a tile of Vec64 vectors at a time in registers, over every kernel tap.
 
 constexpr int64_t kBlock = 16;
-
-int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // A plane (H, W) inside a zeroed buffer of `rows` rows and `stride` columns, at (top, left).
 struct PaddedPlane {
@@ -469,6 +651,8 @@ struct CpuKernels {
   static constexpr auto prefer_fft = &cpu::prefer_fft;
   static constexpr auto global_dot_forward = &cpu::global_dot_forward;
   static constexpr auto global_dot_backward = &cpu::global_dot_backward;
+  static constexpr auto global_matmul_forward = &cpu::global_matmul_forward;
+  static constexpr auto global_matmul_backward = &cpu::global_matmul_backward;
   static constexpr auto conv_direct_forward = &cpu::conv_direct_forward;
   static constexpr auto conv_direct_input_grad = &cpu::conv_direct_input_grad;
   static constexpr auto conv_direct_weight_grad = &cpu::conv_direct_weight_grad;

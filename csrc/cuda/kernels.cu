@@ -168,6 +168,8 @@ struct CudaKernels {
   using Impl = DeviceKernels<CudaLauncher>;
   static constexpr auto global_dot_forward = &Impl::global_dot_forward;
   static constexpr auto global_dot_backward = &Impl::global_dot_backward;
+  static constexpr auto global_matmul_forward = &Impl::global_matmul_forward;
+  static constexpr auto global_matmul_backward = &Impl::global_matmul_backward;
   static constexpr auto conv_direct_forward = &Impl::conv_direct_forward;
   static constexpr auto conv_direct_input_grad = &Impl::conv_direct_input_grad;
   static constexpr auto conv_direct_weight_grad = &Impl::conv_direct_weight_grad;

@@ -24,6 +24,7 @@
 #include "conv_direct.h"
 #include "global_dot.h"
 #include "hd.h"
+#include "../matmul_aten.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -145,6 +146,16 @@ struct DeviceKernels {
       if (g.splits > 1) sum_partials<scalar_t, acc_t>(p.partial, p.gw, g.splits, g.kernels * g.taps);
     });
     return gw;
+  }
+
+  // ---- hyperzzw_global, mode="matmul": ATen's batched matmul (cuBLAS) ----------
+  static at::Tensor global_matmul_forward(const at::Tensor& k, const at::Tensor& z,
+                                          const at::Tensor& x) {
+    return matmul_forward_aten(k, z, x);
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> global_matmul_backward(
+      const at::Tensor& grad_y, const at::Tensor& k, const at::Tensor& z, const at::Tensor& x) {
+    return matmul_backward_aten(grad_y, k, z, x);
   }
 
   // algo="auto" on this device: the direct kernel while it fits the shared-memory
