@@ -105,6 +105,16 @@ def test_global_real_sizes_and_dtypes(batch, channels, spatial, mode, has_x, dty
         check_against_reference(ours_global(mode), global_ref(mode), (k, z, x), "kzx", dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("side", [63, 64, 65])
+@pytest.mark.parametrize("form", KERNEL_FORMS)
+def test_global_matmul_on_both_sides_of_the_fused_kernels_limit(side, form, dtype):
+    """The CPU kernel multiplies planes up to 64×64 itself and hands larger ones to ATen."""
+    k, z, x = global_inputs(2, 2, (side, side), form, True, dtype, seed=2)
+    check_against_reference(ours_global("matmul"), global_ref("matmul"), (k, z, x), "kzx", dtype)
+    check_against_reference(ours_global("matmul"), global_ref("matmul"), (k, z, None), "kz", dtype)
+
+
 @pytest.mark.parametrize("dtype", EXACT_DTYPES + HALF_DTYPES)
 @pytest.mark.parametrize("batch,channels,spatial", REAL_SIZES)
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 9])
