@@ -18,6 +18,7 @@ from helpers import (
     global_inputs,
     global_ref,
     kernel_shape,
+    run_with_grads,
 )
 from terminator.ops import reference
 
@@ -334,3 +335,26 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(comp_out, eager_out)
     for a, b in zip(comp_grads, eager_grads):
         torch.testing.assert_close(a, b)
+
+
+# ---- the FFT path in batch chunks -------------------------------------------------
+# Large planes go through the FFT a few samples at a time (in float64, the spectra of
+# two samples of 64 channels at 40×40 with a full-size kernel fill one chunk, so a
+# batch of 3 is two chunks): no sample may see another's data, and a shared kernel's
+# gradient sums every chunk.
+
+
+@pytest.mark.parametrize("form", KERNEL_FORMS)
+def test_fft_path_in_batch_chunks_matches_direct(form):
+    x, w = conv_inputs(3, 64, (40, 40), (40, 40), form, torch.float64, seed=4)
+    grad_y = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    fft = run_with_grads(ours_conv("fft"), (x, w), grad_y)
+    direct = run_with_grads(ours_conv("direct"), (x, w), grad_y)
+    for a, b in zip(fft, direct):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("form", KERNEL_FORMS)
+def test_global_conv_in_batch_chunks_matches_reference(form):
+    k, z, x = global_inputs(3, 64, (40, 40), form, True, torch.float64, seed=6)
+    check_against_reference(ours_global("conv"), global_ref("conv"), (k, z, x), "kzx", torch.float64)
