@@ -12,8 +12,8 @@
 //       // serves any device
 //   // x / grad_y (B, C, H, W), w (Bk, C, Kh, Kw), contiguous.
 //   static at::Tensor conv_direct_forward(x, w);
-//   static at::Tensor conv_direct_input_grad(grad_y, w);   // -> (B, C, H, W)
-//   static at::Tensor conv_direct_weight_grad(grad_y, x, w);   // -> like w
+//   static std::tuple<Tensor, Tensor> conv_direct_backward(grad_y, x, w);
+//       // -> (grad_x (B, C, H, W), grad_w like w)
 //   // algo="auto": whether the FFT path beats the direct kernel on this device.
 //   static bool prefer_fft(int64_t H, int64_t W, int64_t Kh, int64_t Kw);
 //
@@ -66,8 +66,7 @@ struct Ops {
                                                                  const at::Tensor& w4,
                                                                  ConvAlgo algo) {
     if (use_fft(algo, x4, w4)) return conv_fft_backward(gy4, x4, w4);
-    return {Kernels::conv_direct_input_grad(gy4, w4),
-            Kernels::conv_direct_weight_grad(gy4, x4, w4)};
+    return Kernels::conv_direct_backward(gy4, x4, w4);
   }
 
   static at::Tensor hyperkernel_conv(const at::Tensor& x, const at::Tensor& w,

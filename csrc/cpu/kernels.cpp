@@ -546,6 +546,41 @@ void weight_grad_padded(const acc_t* g, int64_t g_stride, const acc_t* p, int64_
   }
 }
 
+// Reads kernel plane w (K taps, reversed with `flip`) into `kernel` in acc_t; returns
+// whether every tap is finite.
+template <typename scalar_t, typename acc_t>
+bool load_kernel(const scalar_t* w, int64_t K, bool flip, acc_t* kernel) {
+  bool finite = true;
+  for (int64_t q = 0; q < K; ++q) {
+    kernel[q] = acc_t(w[flip ? K - 1 - q : q]);
+    finite = finite && std::isfinite(kernel[q]);
+  }
+  return finite;
+}
+
+// One output plane from a padded input plane; a kernel with an inf or NaN tap takes
+// the loop that skips the taps over the padding.
+template <typename scalar_t, typename acc_t>
+void correlate_plane(const acc_t* padded, const PaddedPlane& geo, const acc_t* kernel, bool finite,
+                     int64_t Kh, int64_t Kw, int64_t H, int64_t W, scalar_t* out) {
+  if (finite) {
+    correlate_padded(padded, geo.stride, kernel, Kh, Kw, H, W, out);
+  } else {
+    correlate_valid_taps(padded, geo, kernel, Kh, Kw, H, W, out);
+  }
+}
+
+// gw += the weight gradient of one plane: g's rows `g_stride` apart and zero from W on to
+// the next multiple of kBlock, x_pad the padded input plane of geometry x_geo.
+template <typename acc_t>
+void weight_grad_plane(const acc_t* g, int64_t g_stride, const std::vector<acc_t>& x_pad,
+                       const PaddedPlane& x_geo, int64_t Kh, int64_t Kw, int64_t H, int64_t W,
+                       acc_t* gw) {
+  auto sum = all_finite(x_pad.data(), int64_t(x_pad.size())) ? weight_grad_padded<false, acc_t>
+                                                              : weight_grad_padded<true, acc_t>;
+  sum(g, g_stride, x_pad.data(), x_geo.stride, Kh, Kw, H, W, gw);
+}
+
 // Correlates every (b, c) plane of `in` with kernel plane (b or 0, c) of `w`;
 // `flip` reads w reversed and pads the rest of the kernel before (the input gradient).
 at::Tensor correlate_planes(const at::Tensor& in, const at::Tensor& w, bool flip) {
@@ -566,18 +601,9 @@ at::Tensor correlate_planes(const at::Tensor& in, const at::Tensor& w, bool flip
       auto padded = padded_buffer<acc_t>(geo);
       std::vector<acc_t> kernel(K);
       for (int64_t p = p0; p < p1; ++p) {
-        const scalar_t* w_plane = wp + (shared ? p % C : p) * K;
-        bool finite = true;
-        for (int64_t q = 0; q < K; ++q) {
-          kernel[q] = acc_t(w_plane[flip ? K - 1 - q : q]);
-          finite = finite && std::isfinite(kernel[q]);
-        }
+        const bool finite = load_kernel(wp + (shared ? p % C : p) * K, K, flip, kernel.data());
         copy_into_padded(inp + p * H * W, H, W, geo, padded.data());
-        if (finite) {
-          correlate_padded(padded.data(), geo.stride, kernel.data(), Kh, Kw, H, W, outp + p * H * W);
-        } else {
-          correlate_valid_taps(padded.data(), geo, kernel.data(), Kh, Kw, H, W, outp + p * H * W);
-        }
+        correlate_plane(padded.data(), geo, kernel.data(), finite, Kh, Kw, H, W, outp + p * H * W);
       }
     });
   });
@@ -588,16 +614,12 @@ at::Tensor conv_direct_forward(const at::Tensor& x, const at::Tensor& w) {
   return correlate_planes(x, w, /*flip=*/false);
 }
 
-at::Tensor conv_direct_input_grad(const at::Tensor& gy, const at::Tensor& w) {
-  return correlate_planes(gy, w, /*flip=*/true);
-}
-
-at::Tensor conv_direct_weight_grad(const at::Tensor& gy, const at::Tensor& x,
-                                   const at::Tensor& w) {
+// A shared kernel's gradient: one task per channel, summing planes (0, c), (1, c), ...
+// in that order.
+at::Tensor shared_kernel_weight_grad(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& w) {
   auto gw = at::empty_like(w);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Kh = w.size(2), Kw = w.size(3), K = Kh * Kw;
-  const bool shared = w.size(0) == 1;
   const auto x_geo = padded_for(H, W, Kh, Kw, same_pad_before(Kh), same_pad_before(Kw));
   const auto g_geo = PaddedPlane{H, round_up(W, kBlock), 0, 0};
   if (gw.numel() == 0) return gw;
@@ -606,27 +628,65 @@ at::Tensor conv_direct_weight_grad(const at::Tensor& gy, const at::Tensor& x,
     const scalar_t* gyp = gy.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* gwp = gw.mutable_data_ptr<scalar_t>();
-    // A shared kernel's channel c sums planes (0, c), (1, c), ... in that order.
-    const int64_t batch_per_kernel = shared ? B : 1;
-    const int64_t kernels = shared ? C : B * C;
-    at::parallel_for(0, kernels, grain_for(batch_per_kernel * H * W * K), [&](int64_t k0, int64_t k1) {
+    at::parallel_for(0, C, grain_for(B * H * W * K), [&](int64_t c0, int64_t c1) {
       std::vector<acc_t> acc(K);
       auto x_pad = padded_buffer<acc_t>(x_geo), g_pad = padded_buffer<acc_t>(g_geo);
-      for (int64_t kp = k0; kp < k1; ++kp) {
+      for (int64_t c = c0; c < c1; ++c) {
         std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t b = 0; b < batch_per_kernel; ++b) {
-          const int64_t plane = shared ? b * C + kp : kp;
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t plane = b * C + c;
           copy_into_padded(xp + plane * H * W, H, W, x_geo, x_pad.data());
           copy_into_padded(gyp + plane * H * W, H, W, g_geo, g_pad.data());
-          const bool x_finite = all_finite(x_pad.data(), int64_t(x_pad.size()));
-          auto sum = x_finite ? weight_grad_padded<false, acc_t> : weight_grad_padded<true, acc_t>;
-          sum(g_pad.data(), g_geo.stride, x_pad.data(), x_geo.stride, Kh, Kw, H, W, acc.data());
+          weight_grad_plane(g_pad.data(), g_geo.stride, x_pad, x_geo, Kh, Kw, H, W, acc.data());
         }
-        for (int64_t q = 0; q < K; ++q) gwp[kp * K + q] = static_cast<scalar_t>(acc[q]);
+        for (int64_t q = 0; q < K; ++q) gwp[c * K + q] = static_cast<scalar_t>(acc[q]);
       }
     });
   });
   return gw;
+}
+
+// Both gradients. A shared kernel: the input gradient split over every plane, the
+// weight gradient over channels. Per-sample kernels: one task per plane does both from
+// a single padded copy of grad_y (read from memory once, not twice).
+std::tuple<at::Tensor, at::Tensor> conv_direct_backward(const at::Tensor& gy, const at::Tensor& x,
+                                                        const at::Tensor& w) {
+  if (w.size(0) == 1) {
+    return {correlate_planes(gy, w, /*flip=*/true), shared_kernel_weight_grad(gy, x, w)};
+  }
+  auto gx = at::empty_like(gy);
+  auto gw = at::empty_like(w);
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Kh = w.size(2), Kw = w.size(3), K = Kh * Kw;
+  const int64_t ph = same_pad_before(Kh), pw = same_pad_before(Kw);
+  const auto x_geo = padded_for(H, W, Kh, Kw, ph, pw);
+  // grad_y placed for the input gradient (the flipped kernel's padding); its rows, read
+  // from (top, left), are zero from W on as the weight gradient needs.
+  const auto g_geo = padded_for(H, W, Kh, Kw, Kh - 1 - ph, Kw - 1 - pw);
+  if (gx.numel() == 0) return {gx, gw};
+  TERMINATOR_DISPATCH_FLOATING(x.scalar_type(), "hyperkernel_conv_direct_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gyp = gy.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
+    scalar_t* gwp = gw.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B * C, grain_for(2 * H * W * K), [&](int64_t p0, int64_t p1) {
+      auto x_pad = padded_buffer<acc_t>(x_geo), g_pad = padded_buffer<acc_t>(g_geo);
+      std::vector<acc_t> kernel(K), acc(K);
+      const acc_t* g = g_pad.data() + g_geo.top * g_geo.stride + g_geo.left;
+      for (int64_t p = p0; p < p1; ++p) {
+        const bool finite = load_kernel(wp + p * K, K, /*flip=*/true, kernel.data());
+        copy_into_padded(gyp + p * H * W, H, W, g_geo, g_pad.data());
+        correlate_plane(g_pad.data(), g_geo, kernel.data(), finite, Kh, Kw, H, W, gxp + p * H * W);
+        copy_into_padded(xp + p * H * W, H, W, x_geo, x_pad.data());
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        weight_grad_plane(g, g_geo.stride, x_pad, x_geo, Kh, Kw, H, W, acc.data());
+        for (int64_t q = 0; q < K; ++q) gwp[p * K + q] = static_cast<scalar_t>(acc[q]);
+      }
+    });
+  });
+  return {gx, gw};
 }
 
 // algo="auto": direct costs H·W·Kh·Kw multiply-adds per plane, the FFT path
@@ -654,8 +714,7 @@ struct CpuKernels {
   static constexpr auto global_matmul_forward = &cpu::global_matmul_forward;
   static constexpr auto global_matmul_backward = &cpu::global_matmul_backward;
   static constexpr auto conv_direct_forward = &cpu::conv_direct_forward;
-  static constexpr auto conv_direct_input_grad = &cpu::conv_direct_input_grad;
-  static constexpr auto conv_direct_weight_grad = &cpu::conv_direct_weight_grad;
+  static constexpr auto conv_direct_backward = &cpu::conv_direct_backward;
 };
 
 }  // namespace

@@ -171,8 +171,7 @@ struct CudaKernels {
   static constexpr auto global_matmul_forward = &Impl::global_matmul_forward;
   static constexpr auto global_matmul_backward = &Impl::global_matmul_backward;
   static constexpr auto conv_direct_forward = &Impl::conv_direct_forward;
-  static constexpr auto conv_direct_input_grad = &Impl::conv_direct_input_grad;
-  static constexpr auto conv_direct_weight_grad = &Impl::conv_direct_weight_grad;
+  static constexpr auto conv_direct_backward = &Impl::conv_direct_backward;
   static constexpr auto prefer_fft = &Impl::prefer_fft;
 };
 

@@ -110,6 +110,12 @@ struct DeviceKernels {
     return correlate(x, w, /*flip=*/false);
   }
 
+  static std::tuple<at::Tensor, at::Tensor> conv_direct_backward(const at::Tensor& gy,
+                                                                 const at::Tensor& x,
+                                                                 const at::Tensor& w) {
+    return {conv_direct_input_grad(gy, w), conv_direct_weight_grad(gy, x, w)};
+  }
+
   static at::Tensor conv_direct_input_grad(const at::Tensor& gy, const at::Tensor& w) {
     return correlate(gy, w, /*flip=*/true);
   }
