@@ -3,8 +3,9 @@
 
 In one process, interleaved (each repeat runs every implementation once, so a
 noisy neighbour hits all of them alike), warm-up excluded, medians over repeats.
-Prints a table and writes JSON. For memory-bound ops also the bytes moved and the
-fraction of a copy bandwidth measured in the same run; for every case the peak
+Prints a table and writes JSON. For memory-bound ops also the bytes a perfect kernel
+moves and %copy: the time of a tensor copy of those same bytes, timed in the same
+interleaved rounds, as a share of ours (100 % = copy speed); for every case the peak
 memory of forward+backward: measured in a worker process whose allocator maps
 every block of 128 KiB or more on its own (MALLOC_MMAP_THRESHOLD_), so the
 resident-set high-water mark (reset through /proc/self/clear_refs before each
@@ -206,12 +207,24 @@ def implementations(case: Case, args, compiled: bool = True) -> dict[str, Callab
     return impls
 
 
+def same_bytes_copy(moved: int) -> Callable[[], None]:
+    """A tensor copy that reads and writes `moved` bytes in all, like a perfect kernel."""
+    src = torch.randn(max(1, moved // 8))
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
 def bench_case(case: Case, args) -> dict:
     inputs = case.make()
     impls = implementations(case, args)
     result = {"name": case.name, "group": case.group}
     for phase, runner in (("fwd", _fwd), ("fwdbwd", _fwdbwd)):
         runs = {name: (lambda fn=fn: runner(fn, inputs)) for name, fn in impls.items()}
+        moved = case.bytes_fwd if phase == "fwd" else case.bytes_fwdbwd
+        if moved:
+            # The yardstick in the same rounds as the kernels: this VM's memory bandwidth
+            # drifts by 3x within minutes (a 256 MB copy read 21 and 70 GB/s in two runs).
+            runs["copy"] = same_bytes_copy(moved)
         medians = time_interleaved(runs, args.repeats, args.warmup, args.budget)
         result[phase] = {name: t * 1e3 for name, t in medians.items()}  # ms
     result["bytes_fwd"], result["bytes_fwdbwd"] = case.bytes_fwd, case.bytes_fwdbwd
@@ -251,7 +264,8 @@ HEADER = (f"{'case':<52} {'phase':<6} {'ours ms':>8} {'eager ms':>9} {'comp ms':
 
 
 def print_table(results: list[dict], bandwidth: float) -> None:
-    print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read+write)")
+    print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read+write, 256 MB, at the start; %copy is "
+          "against a copy of the same bytes timed in the same rounds)")
     print(HEADER)
     print("-" * len(HEADER))
     for r in results:
@@ -264,8 +278,12 @@ def print_rows(r: dict, bandwidth: float, file=None) -> None:
         t = r[phase]
         ours, eager, comp = t["ours"], t["eager"], t.get("compiled")
         moved = r["bytes_fwd" if phase == "fwd" else "bytes_fwdbwd"]
-        frac = moved / (ours / 1e3) / bandwidth * 100 if moved else None
-        others = " ".join(f"{k} x{t[k] / ours:.2f}" for k in t if k not in ("ours", "eager", "compiled"))
+        if "copy" in t:  # a copy of the same bytes, timed in the same rounds
+            frac = t["copy"] / ours * 100
+        else:
+            frac = moved / (ours / 1e3) / bandwidth * 100 if moved else None
+        others = " ".join(f"{k} x{t[k] / ours:.2f}" for k in t
+                          if k not in ("ours", "eager", "compiled", "copy"))
         peak = r.get("peak_mb", {})
         peak_s = (f"{_fmt(peak.get('ours'), '.0f')}/{_fmt(peak.get('eager'), '.0f')}"
                   if phase == "fwdbwd" else "")
