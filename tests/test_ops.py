@@ -339,8 +339,8 @@ def test_torch_compile_fullgraph_matches_eager():
 
 # ---- the FFT path in batch chunks -------------------------------------------------
 # Large planes go through the FFT a few samples at a time (in float64, the spectra of
-# two samples of 64 channels at 40×40 with a full-size kernel fill one chunk, so a
-# batch of 3 is two chunks): no sample may see another's data, and a shared kernel's
+# one sample of 64 channels at 40×40 with a full-size kernel fill a chunk, so a batch
+# of 3 is three chunks): no sample may see another's data, and a shared kernel's
 # gradient sums every chunk.
 
 
