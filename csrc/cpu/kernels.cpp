@@ -19,8 +19,10 @@ namespace {
 
 // Enough work per task to amortize scheduling (elements or multiply-adds).
 constexpr int64_t kGrainWork = 32768;
-// Columns processed together while accumulating over the batch.
-constexpr int64_t kColumnChunk = 1024;
+// Columns processed together while accumulating over the batch: 8192 (32 KB of float
+// sums) rather than 1024 gives each sample's rows longer streams for the prefetcher (dot
+// backward at B=64, C=36, L=4096: 20.9 -> 19.4 ms, mean of three alternating processes).
+constexpr int64_t kColumnChunk = 8192;
 
 int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, work_per_item));
