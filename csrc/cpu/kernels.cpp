@@ -235,6 +235,16 @@ void gemm_plane(const acc_t* a, int64_t a_row, int64_t a_col, const SquarePlane<
   }
 }
 
+// Asks for n values at p to be brought into cache: a shared kernel's gradient visits
+// planes (0, c), (1, c), ..., which lie C planes apart, a pattern the hardware
+// prefetcher does not follow (matmul backward at B=64, C=36, 28×28: 2.57 -> 2.41 ms,
+// means of six alternating processes).
+template <typename T>
+void prefetch(const T* p, int64_t n) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t i = 0; i < n; i += kLine) __builtin_prefetch(p + i);
+}
+
 template <typename scalar_t, typename acc_t>
 void load_plane(const scalar_t* src, SquarePlane<acc_t>& dst) {
   for (int64_t i = 0; i < dst.S; ++i) {
@@ -330,6 +340,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_matmul_backward(const at::
         for (int64_t b = 0; b < batch_per_kernel; ++b) {
           const int64_t p = shared ? b * C + kk : kk;
           const scalar_t* z_plane = zp + p * N;
+          if (shared && b + 1 < B) {
+            for (const scalar_t* t : {zp, up, gyp}) prefetch(t + (p + C) * N, N);
+          }
           load_product(k_plane, z_plane, w_hat);
           load_transposed(up + p * N, u_t);
           load_plane(gyp + p * N, g);
