@@ -13,6 +13,11 @@
 #include <type_traits>
 #include <vector>
 
+// The finiteness checks (all_finite, load_kernel) need IEEE semantics.
+#if defined(__FAST_MATH__) || (defined(__FINITE_MATH_ONLY__) && __FINITE_MATH_ONLY__)
+#error "csrc/cpu/kernels.cpp must not be built with -ffast-math or -ffinite-math-only"
+#endif
+
 namespace terminator {
 namespace cpu {
 namespace {
@@ -151,6 +156,10 @@ int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 // 64 bytes of acc_t as one GCC/Clang vector: -march=native makes it one AVX-512
 // register (two AVX2 ones, four NEON ones elsewhere). The weight gradient's loops left
 // to the auto-vectorizer ran at 4.6 GMAC/s per core here; written with this, 40-53.
+// Register blockings below (tiles, kernel-row groups) are sized for AVX-512's 32 vector
+// registers; on AVX2 each vector takes two and the larger groups spill (slower, still
+// correct). GCC gives a vector type its element type's alias set, so the casts between
+// acc_t* and vector* below are well-defined there.
 template <typename T>
 struct Vec64;
 template <>
@@ -205,7 +214,8 @@ void gemm_tile(const acc_t* __restrict__ a, int64_t a_row, int64_t a_col,
   }
 }
 
-// c = A · b for S × S planes (columns from S on of c are A · 0 = 0 when b's are zero).
+// c = A · b for S × S planes (columns from S on of c hold A times b's zero padding and are
+// never read).
 // Tiles of 8 rows × 2 vectors (16 sums) where they fit: against 4 × 2, forward 1.05 ->
 // 0.78 ms and backward 2.8 -> 2.3 ms at B=64, C=36, 28×28 (A/B in alternating
 // processes); 12 × 2 was no better.
@@ -445,11 +455,13 @@ void correlate_tile(const acc_t* __restrict__ p, int64_t stride, const acc_t* __
     scalar_t* o = out + (i + r) * W + j;
     for (int v = 0; v < NV; ++v) {
       const int64_t m = std::min<int64_t>(L, n - v * L);  // columns of this vector to store
-      if (std::is_same_v<scalar_t, acc_t> && m == L) {
-        *reinterpret_cast<V*>(o + v * L) = acc[r][v];
-      } else {
-        for (int64_t t = 0; t < m; ++t) o[v * L + t] = static_cast<scalar_t>(acc[r][v][t]);
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        if (m == L) {
+          *reinterpret_cast<V*>(o + v * L) = acc[r][v];
+          continue;
+        }
       }
+      for (int64_t t = 0; t < m; ++t) o[v * L + t] = static_cast<scalar_t>(acc[r][v][t]);
     }
   }
 }
@@ -489,9 +501,10 @@ void correlate_padded(const acc_t* p, int64_t stride, const acc_t* w, int64_t Kh
   }
 }
 
-// The same sum over only the taps that meet the plane itself: for a kernel with a
-// NaN or Inf, whose products with the padding's zeros would be NaN where the
-// reference has a number. Rare, so plain loops.
+// The same sum over only the taps that meet the plane itself, for a kernel with a NaN or
+// Inf: "zero outside the input" then has two readings, and this is the one that skips the
+// taps hanging over the border (multiplying them by the padding gives 0 · inf = NaN, as
+// F.conv's explicit padding does; docs/NUMERICS.md allows either). Rare, so plain loops.
 template <typename scalar_t, typename acc_t>
 void correlate_valid_taps(const acc_t* p, const PaddedPlane& g, const acc_t* w, int64_t Kh,
                           int64_t Kw, int64_t H, int64_t W, scalar_t* out) {
