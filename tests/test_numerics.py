@@ -51,7 +51,7 @@ def test_a_nan_in_x_reaches_the_outputs_whose_window_holds_it(algo):
     y = ops.hyperkernel_conv(x, w, algo=algo)
     expected = reference.conv_same(x, w).isnan()
     assert bool(y.isnan()[expected].all())  # every output the reference makes NaN
-    if algo == "direct":
+    if algo == "direct" or ops.backend().name == "reference":  # the reference has one algorithm
         assert torch.equal(y.isnan(), expected)  # and no other
     else:
         assert bool(y[0, 0].isnan().all()) and not bool(y[1:].isnan().any()) and not bool(y[0, 1].isnan().any())
