@@ -3,6 +3,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <tuple>
 #include <ATen/OpMathType.h>
 #include <c10/util/irange.h>
 
@@ -147,5 +149,21 @@ inline int64_t same_pad_before(int64_t kernel_size) { return (kernel_size - 1) /
 
 // float16 / bfloat16 are computed in float32; float32 and float64 in themselves.
 inline at::ScalarType compute_dtype(at::ScalarType t) { return at::toOpMathType(t); }
+
+// The chain rule through Ŵ = k ⊙ z of y = op(Ŵ, u), u = x or z when x is absent: from
+// gŴ and gu (B, C, *S) in compute_dtype, the gradients of k (Bk, C, *S) (summed over the
+// batch when Bk = 1), z and x (undefined when x is z), in z's dtype and contiguous.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> grads_through_product(
+    const at::Tensor& g_what, const at::Tensor& g_u, const at::Tensor& k4, const at::Tensor& z4,
+    bool has_x) {
+  const auto dtype = g_what.scalar_type();
+  auto gk = g_what * z4.to(dtype);
+  if (k4.size(0) == 1) gk = gk.sum(0, /*keepdim=*/true);
+  auto gz = g_what * k4.to(dtype);
+  if (!has_x) gz = gz + g_u;
+  const auto out = z4.scalar_type();
+  return {gk.to(out).contiguous(), gz.to(out).contiguous(),
+          has_x ? g_u.to(out).contiguous() : at::Tensor()};
+}
 
 }  // namespace terminator

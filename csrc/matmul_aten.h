@@ -23,16 +23,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> matmul_backward_aten(const
                                                                           const at::Tensor& x4) {
   const auto dtype = compute_dtype(z4.scalar_type());
   const auto u4 = (x4.defined() ? x4 : z4).to(dtype);  // what Ŵ acts on
-  const auto k = k4.to(dtype), z = z4.to(dtype), gy = gy4.to(dtype);
+  const auto gy = gy4.to(dtype);
   const auto g_what = at::matmul(gy, u4.transpose(-1, -2));
-  const auto g_u = at::matmul((k * z).transpose(-1, -2), gy);
-  auto gk = g_what * z;
-  if (k4.size(0) == 1) gk = gk.sum(0, /*keepdim=*/true);
-  auto gz = g_what * k;
-  if (!x4.defined()) gz = gz + g_u;
-  const auto out = z4.scalar_type();
-  return {gk.to(out).contiguous(), gz.to(out).contiguous(),
-          x4.defined() ? g_u.to(out).contiguous() : at::Tensor()};
+  const auto g_u = at::matmul((k4.to(dtype) * z4.to(dtype)).transpose(-1, -2), gy);
+  return grads_through_product(g_what, g_u, k4, z4, x4.defined());
 }
 
 }  // namespace terminator

@@ -134,38 +134,26 @@ struct Ops {
     const int64_t N = z4.size(2) * z4.size(3);
     const auto x4 = x.has_value() ? activation_planes(*x) : at::Tensor();
     const auto gy4 = activation_planes(grad_y);
-    const auto no_grad_x = at::empty({0}, z.options());
-
+    at::Tensor gk, gz, gx;  // kernel planes / activation planes; gx undefined when x is z
     if (m == GlobalMode::Dot) {
-      auto [gk, gz, gx] = Kernels::global_dot_backward(
+      std::tie(gk, gz, gx) = Kernels::global_dot_backward(
           gy4.view({B, C, N}), k4.view({kb, C, N}), z4.view({B, C, N}),
           x4.defined() ? x4.view({B, C, N}) : x4);
-      return {kernel_grad_like(gk, k), gz.view(z.sizes()),
-              gx.defined() ? gx.view(z.sizes()) : no_grad_x};
+    } else if (m == GlobalMode::Matmul) {
+      std::tie(gk, gz, gx) = Kernels::global_matmul_backward(gy4, k4, z4, x4);
+    } else {
+      // conv: y = conv(x, Ŵ) with Ŵ = k ⊙ z; first the gradients of Ŵ and x, then the
+      // chain rule through the elementwise product.
+      const auto dtype = compute_dtype(z.scalar_type());
+      const auto u4 = x4.defined() ? x4 : z4;  // what Ŵ acts on
+      auto [g_u, g_what] = use_fft(ConvAlgo::Auto, u4, k4)
+                               ? conv_fft_backward(gy4, u4, k4, z4)
+                               : conv_planes_backward(gy4, u4, k4 * z4, ConvAlgo::Direct);
+      std::tie(gk, gz, gx) =
+          grads_through_product(g_what.to(dtype), g_u.to(dtype), k4, z4, x4.defined());
     }
-
-    if (m == GlobalMode::Matmul) {
-      auto [gk, gz, gx] = Kernels::global_matmul_backward(gy4, k4, z4, x4);
-      return {kernel_grad_like(gk, k), gz.view(z.sizes()),
-              gx.defined() ? gx.view(z.sizes()) : no_grad_x};
-    }
-
-    // conv: y = conv(x, Ŵ) with Ŵ = k ⊙ z; first the gradients of Ŵ and x, then the
-    // chain rule through the elementwise product.
-    const auto dtype = compute_dtype(z.scalar_type());
-    const auto u4 = x4.defined() ? x4 : z4;  // what Ŵ acts on
-    at::Tensor g_what, g_u;
-    std::tie(g_u, g_what) = use_fft(ConvAlgo::Auto, u4, k4)
-                                ? conv_fft_backward(gy4, u4, k4, z4)
-                                : conv_planes_backward(gy4, u4, k4 * z4, ConvAlgo::Direct);
-    g_what = g_what.to(dtype), g_u = g_u.to(dtype);
-    auto gk = g_what * z4.to(dtype);
-    if (kb == 1) gk = gk.sum(0, /*keepdim=*/true);
-    auto gz = g_what * k4.to(dtype);
-    if (!x4.defined()) gz = gz + g_u;
-    const auto out = z.scalar_type();
-    return {kernel_grad_like(gk.to(out).contiguous(), k), gz.to(out).contiguous().view(z.sizes()),
-            x4.defined() ? g_u.to(out).contiguous().view(z.sizes()) : no_grad_x};
+    return {kernel_grad_like(gk, k), gz.view(z.sizes()),
+            gx.defined() ? gx.view(z.sizes()) : at::empty({0}, z.options())};
   }
 };
 
