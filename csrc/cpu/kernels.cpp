@@ -170,6 +170,9 @@ template <>
 struct Vec64<double> {
   typedef double type __attribute__((vector_size(64), aligned(alignof(double))));
 };
+// Values of T in one Vec64.
+template <typename T>
+constexpr int64_t kLanes = sizeof(typename Vec64<T>::type) / sizeof(T);
 
 // ---- hyperzzw_global, mode="matmul" -------------------------------------------
 //
@@ -186,7 +189,7 @@ struct SquarePlane {
   int64_t S, stride;
   std::vector<acc_t> data;
   explicit SquarePlane(int64_t side)
-      : S(side), stride(round_up(side, int64_t(sizeof(typename Vec64<acc_t>::type) / sizeof(acc_t)))),
+      : S(side), stride(round_up(side, kLanes<acc_t>)),
         data(side * stride, acc_t(0)) {}
   acc_t* row(int64_t i) { return data.data() + i * stride; }
   const acc_t* row(int64_t i) const { return data.data() + i * stride; }
@@ -199,7 +202,7 @@ void gemm_tile(const acc_t* __restrict__ a, int64_t a_row, int64_t a_col,
                const acc_t* __restrict__ b, int64_t stride, int64_t S, int64_t i, int64_t j,
                acc_t* __restrict__ c) {
   using V = typename Vec64<acc_t>::type;
-  constexpr int64_t L = sizeof(V) / sizeof(acc_t);
+  constexpr int64_t L = kLanes<acc_t>;
   V acc[R][NV] = {};
   for (int64_t p = 0; p < S; ++p) {
     V bv[NV];
@@ -222,7 +225,7 @@ void gemm_tile(const acc_t* __restrict__ a, int64_t a_row, int64_t a_col,
 template <typename acc_t>
 void gemm_plane(const acc_t* a, int64_t a_row, int64_t a_col, const SquarePlane<acc_t>& b,
                 SquarePlane<acc_t>& c) {
-  constexpr int64_t L = sizeof(typename Vec64<acc_t>::type) / sizeof(acc_t);
+  constexpr int64_t L = kLanes<acc_t>;
   const int64_t S = b.S, stride = b.stride, vectors = stride / L;
   int64_t i = 0;
   for (; i + 8 <= S; i += 8) {
@@ -411,7 +414,7 @@ void copy_into_padded(const scalar_t* __restrict__ in, int64_t H, int64_t W, con
 template <typename acc_t>
 bool all_finite(const acc_t* v, int64_t n) {
   using V = typename Vec64<acc_t>::type;
-  constexpr int64_t L = sizeof(V) / sizeof(acc_t);
+  constexpr int64_t L = kLanes<acc_t>;
   V vector_sum = {};
   int64_t j = 0;
   for (; j + L <= n; j += L) {
@@ -439,7 +442,7 @@ void correlate_tile(const acc_t* __restrict__ p, int64_t stride, const acc_t* __
                     int64_t Kh, int64_t Kw, int64_t i, int64_t j, int64_t W,
                     scalar_t* __restrict__ out) {
   using V = typename Vec64<acc_t>::type;
-  constexpr int64_t L = sizeof(V) / sizeof(acc_t);
+  constexpr int64_t L = kLanes<acc_t>;
   V acc[R][NV] = {};
   for (int64_t qi = 0; qi < Kh; ++qi) {
     for (int64_t qj = 0; qj < Kw; ++qj) {
@@ -472,7 +475,7 @@ void correlate_tile(const acc_t* __restrict__ p, int64_t stride, const acc_t* __
 template <typename scalar_t, typename acc_t>
 void correlate_padded(const acc_t* p, int64_t stride, const acc_t* w, int64_t Kh, int64_t Kw,
                       int64_t H, int64_t W, scalar_t* out) {
-  constexpr int64_t L = sizeof(typename Vec64<acc_t>::type) / sizeof(acc_t);
+  constexpr int64_t L = kLanes<acc_t>;
   const int64_t vectors = (W + L - 1) / L;
   int64_t i = 0;
   for (; i + 4 <= H; i += 4) {
@@ -537,7 +540,7 @@ void weight_grad_taps(const acc_t* __restrict__ g, int64_t g_stride, const acc_t
                       int64_t stride, int64_t H, int64_t W, acc_t* __restrict__ gw,
                       int64_t gw_stride) {
   using V = typename Vec64<acc_t>::type;
-  constexpr int64_t L = sizeof(V) / sizeof(acc_t);
+  constexpr int64_t L = kLanes<acc_t>;
   static_assert(kBlock % L == 0, "g's row stride must hold whole vectors");
   const int64_t full = MaskTail ? W / L * L : round_up(W, L);  // columns summed as vectors
   V acc[KH][KW] = {};
