@@ -269,19 +269,15 @@ def print_table(results: list[dict], bandwidth: float) -> None:
     print(HEADER)
     print("-" * len(HEADER))
     for r in results:
-        print_rows(r, bandwidth)
+        print_rows(r)
 
 
-def print_rows(r: dict, bandwidth: float, file=None) -> None:
+def print_rows(r: dict, file=None) -> None:
     """The fwd and fwdbwd rows of one case."""
     for phase in ("fwd", "fwdbwd"):
         t = r[phase]
         ours, eager, comp = t["ours"], t["eager"], t.get("compiled")
-        moved = r["bytes_fwd" if phase == "fwd" else "bytes_fwdbwd"]
-        if "copy" in t:  # a copy of the same bytes, timed in the same rounds
-            frac = t["copy"] / ours * 100
-        else:
-            frac = moved / (ours / 1e3) / bandwidth * 100 if moved else None
+        frac = t["copy"] / ours * 100 if "copy" in t else None  # a copy of the same bytes, same rounds
         others = " ".join(f"{k} x{t[k] / ours:.2f}" for k in t
                           if k not in ("ours", "eager", "compiled", "copy"))
         peak = r.get("peak_mb", {})
@@ -366,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases:
         print(f"... {case.name}", file=sys.stderr, flush=True)
         results.append(bench_case(case, args))
-        print_rows(results[-1], bandwidth, file=sys.stderr)  # progress: timings so far
+        print_rows(results[-1], file=sys.stderr)  # progress: timings so far
     if not args.no_memory:
         worker_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
         peaks = measure_memory(worker_argv)
