@@ -337,6 +337,21 @@ def test_torch_compile_fullgraph_matches_eager():
         torch.testing.assert_close(a, b)
 
 
+# ---- outputs of 32 MiB or more ------------------------------------------------------
+# The CPU kernels advise transparent huge pages on outputs this large before writing
+# them (fresh mappings whose 4 KiB first-touch faults cost more than dot itself).
+
+
+@pytest.mark.parametrize("form", ["1C", "BC"])
+def test_outputs_past_the_huge_page_threshold(form):
+    spatial = (2**21 + 5,)  # B·C·L·4 bytes = 32 MiB + 80 bytes per float32 tensor
+    k, z, x = global_inputs(2, 2, spatial, form, True, torch.float32, seed=7)
+    check_against_reference(ours_global("dot"), global_ref("dot"), (k, z, x), "kzx", torch.float32)
+    x, w = conv_inputs(2, 2, spatial, (3,), form, torch.float32, seed=8)
+    check_against_reference(ours_conv("direct"), reference.hyperkernel_conv, (x, w), "xw",
+                            torch.float32)
+
+
 # ---- the FFT path in batch chunks -------------------------------------------------
 # Large planes go through the FFT a few samples at a time (in float64, the spectra of
 # one sample of 64 channels at 40×40 with a full-size kernel fill a chunk, so a batch
