@@ -204,73 +204,88 @@ constexpr int64_t kLanes = sizeof(typename Vec64<T>::type) / sizeof(T);
 // ---- hyperzzw_global, mode="matmul" -------------------------------------------
 //
 // Planes up to kMatmulMaxSide on a side are multiplied from L1/L2-resident copies in
-// acc_t (rows padded with zeros to whole vectors), Ŵ = k ⊙ z formed while copying and
-// the gradients' elementwise products done while storing: one pass over each tensor
-// where ATen's path (matmul_aten.h, used beyond) makes a pass per product and GEMM.
+// acc_t, Ŵ = k ⊙ z formed while copying and the gradients' elementwise products done
+// while storing: one pass over each tensor where ATen's path (matmul_aten.h, used
+// beyond) makes a pass per product and GEMM.
 
 constexpr int64_t kMatmulMaxSide = 64;
 
-// A square plane of side S held as rows of `stride` acc_t (a whole number of vectors).
+// A square plane of side S stored flat (row i from i·S), as in the tensor, plus one
+// vector of slack. The GEMM works in whole vectors per row: when S is not a multiple
+// of the vector width, a row's last vector runs on into the next row (or the slack).
+// Those lanes are scratch; how the GEMM orders its stores keeps them out of the result.
+// Flat copies in and out vectorize without a tail per row: at 28×28 (two vectors per
+// row, the second 12/16 full) copying into rows padded to whole vectors took more time
+// than the products themselves.
 template <typename acc_t>
 struct SquarePlane {
-  int64_t S, stride;
+  int64_t S;
   std::vector<acc_t> data;
-  explicit SquarePlane(int64_t side)
-      : S(side), stride(round_up(side, kLanes<acc_t>)),
-        data(side * stride, acc_t(0)) {}
-  acc_t* row(int64_t i) { return data.data() + i * stride; }
-  const acc_t* row(int64_t i) const { return data.data() + i * stride; }
+  explicit SquarePlane(int64_t side) : S(side), data(side * side + kLanes<acc_t>, acc_t(0)) {}
+  acc_t* row(int64_t i) { return data.data() + i * S; }
+  const acc_t* row(int64_t i) const { return data.data() + i * S; }
 };
 
-// Rows [i, i + R), vectors [j, j + NV·L) of c = A · b, A(i, p) = a[i·a_row + p·a_col]
-// (a transposed A is a_row = 1, a_col = stride), b's rows `stride` apart.
+// Rows [i, i + R), vectors [j, j + NV·L) of c = A · b with A(i, p) = a[i·a_row + p·a_col]
+// (A transposed: a_row = 1, a_col = S); b's and c's rows S apart. Stores go row by row
+// in increasing order, so lanes that run past a row's end into the next are overwritten
+// by that row's own store later (see gemm_plane).
 template <int R, int NV, typename acc_t>
 void gemm_tile(const acc_t* __restrict__ a, int64_t a_row, int64_t a_col,
-               const acc_t* __restrict__ b, int64_t stride, int64_t S, int64_t i, int64_t j,
+               const acc_t* __restrict__ b, int64_t S, int64_t i, int64_t j,
                acc_t* __restrict__ c) {
   using V = typename Vec64<acc_t>::type;
   constexpr int64_t L = kLanes<acc_t>;
   V acc[R][NV] = {};
   for (int64_t p = 0; p < S; ++p) {
     V bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const V*>(b + p * stride + j + v * L);
+    for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const V*>(b + p * S + j + v * L);
     for (int r = 0; r < R; ++r) {
       const acc_t av = a[(i + r) * a_row + p * a_col];
       for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
     }
   }
   for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(c + (i + r) * stride + j + v * L) = acc[r][v];
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(c + (i + r) * S + j + v * L) = acc[r][v];
   }
 }
 
-// c = A · b for S × S planes (columns from S on of c hold A times b's zero padding and are
-// never read).
-// Tiles of 8 rows × 2 vectors (16 sums) where they fit: against 4 × 2, forward 1.05 ->
-// 0.78 ms and backward 2.8 -> 2.3 ms at B=64, C=36, 28×28 (A/B in alternating
-// processes); 12 × 2 was no better.
+// Rows [i, i + rows) (1 ≤ rows ≤ 8) of c = A · b, vectors [v, v + 2) (or just v, for
+// the last vector of a row with an odd count).
+template <typename acc_t>
+void gemm_rows(const acc_t* a, int64_t a_row, int64_t a_col, const acc_t* b, int64_t S,
+               int64_t i, int64_t rows, int64_t v, bool pair, acc_t* c) {
+  constexpr int64_t L = kLanes<acc_t>;
+  using Tile = void (*)(const acc_t*, int64_t, int64_t, const acc_t*, int64_t, int64_t, int64_t, acc_t*);
+  static constexpr Tile pairs[8] = {gemm_tile<1, 2, acc_t>, gemm_tile<2, 2, acc_t>, gemm_tile<3, 2, acc_t>,
+                                    gemm_tile<4, 2, acc_t>, gemm_tile<5, 2, acc_t>, gemm_tile<6, 2, acc_t>,
+                                    gemm_tile<7, 2, acc_t>, gemm_tile<8, 2, acc_t>};
+  static constexpr Tile singles[8] = {gemm_tile<1, 1, acc_t>, gemm_tile<2, 1, acc_t>, gemm_tile<3, 1, acc_t>,
+                                      gemm_tile<4, 1, acc_t>, gemm_tile<5, 1, acc_t>, gemm_tile<6, 1, acc_t>,
+                                      gemm_tile<7, 1, acc_t>, gemm_tile<8, 1, acc_t>};
+  (pair ? pairs : singles)[rows - 1](a, a_row, a_col, b, S, i, v * L, c);
+}
+
+// c = A · b for S × S planes. A row's last vector spills scratch lanes into the first
+// vector of the next row (S > L) or into the rows after it (S ≤ L, one vector per row),
+// never further, and the last row's into the slack. Groups of vectors go last-first and
+// rows in increasing order within a group, so every row's own store of those columns
+// comes after any spill into them.
+// Row tiles of up to 8 rows × 2 vectors (16 sums), the rows split evenly: 28 rows as
+// 4 × 7 rather than 3 × 8 + 4, whose 4-row tile took 30 % of the products' time for
+// 14 % of the rows (8 sums hide the FMA latency poorly). Against 4-row tiles throughout,
+// 8 rows gave forward 1.05 -> 0.78 ms and backward 2.8 -> 2.3 ms at B=64, C=36, 28×28
+// (A/B in alternating processes); 12 was no better.
 template <typename acc_t>
 void gemm_plane(const acc_t* a, int64_t a_row, int64_t a_col, const SquarePlane<acc_t>& b,
                 SquarePlane<acc_t>& c) {
-  constexpr int64_t L = kLanes<acc_t>;
-  const int64_t S = b.S, stride = b.stride, vectors = stride / L;
-  int64_t i = 0;
-  for (; i + 8 <= S; i += 8) {
-    for (int64_t v = 0; v < vectors; v += 2) {
-      auto tile = vectors - v >= 2 ? gemm_tile<8, 2, acc_t> : gemm_tile<8, 1, acc_t>;
-      tile(a, a_row, a_col, b.row(0), stride, S, i, v * L, c.data.data());
-    }
-  }
-  for (; i + 4 <= S; i += 4) {
-    for (int64_t v = 0; v < vectors; v += 2) {
-      auto tile = vectors - v >= 2 ? gemm_tile<4, 2, acc_t> : gemm_tile<4, 1, acc_t>;
-      tile(a, a_row, a_col, b.row(0), stride, S, i, v * L, c.data.data());
-    }
-  }
-  for (; i < S; ++i) {
-    for (int64_t v = 0; v < vectors; v += 2) {
-      auto tile = vectors - v >= 2 ? gemm_tile<1, 2, acc_t> : gemm_tile<1, 1, acc_t>;
-      tile(a, a_row, a_col, b.row(0), stride, S, i, v * L, c.data.data());
+  constexpr int64_t L = kLanes<acc_t>, kMaxRows = 8;
+  const int64_t S = b.S, vectors = (S + L - 1) / L, tiles = (S + kMaxRows - 1) / kMaxRows;
+  for (int64_t v = (vectors - 1) / 2 * 2; v >= 0; v -= 2) {
+    for (int64_t t = 0, i = 0; t < tiles; ++t) {
+      const int64_t rows = (S - i) / (tiles - t);
+      gemm_rows(a, a_row, a_col, b.row(0), S, i, rows, v, vectors - v >= 2, c.row(0));
+      i += rows;
     }
   }
 }
@@ -286,18 +301,17 @@ void prefetch(const T* p, int64_t n) {
 }
 
 template <typename scalar_t, typename acc_t>
-void load_plane(const scalar_t* src, SquarePlane<acc_t>& dst) {
-  for (int64_t i = 0; i < dst.S; ++i) {
-    for (int64_t j = 0; j < dst.S; ++j) dst.row(i)[j] = acc_t(src[i * dst.S + j]);
-  }
+void load_plane(const scalar_t* __restrict__ src, SquarePlane<acc_t>& dst) {
+  acc_t* __restrict__ out = dst.row(0);
+  for (int64_t e = 0; e < dst.S * dst.S; ++e) out[e] = acc_t(src[e]);
 }
 
 // dst = k ⊙ z
 template <typename scalar_t, typename acc_t>
-void load_product(const scalar_t* k, const scalar_t* z, SquarePlane<acc_t>& dst) {
-  for (int64_t i = 0; i < dst.S; ++i) {
-    for (int64_t j = 0; j < dst.S; ++j) dst.row(i)[j] = acc_t(k[i * dst.S + j]) * acc_t(z[i * dst.S + j]);
-  }
+void load_product(const scalar_t* __restrict__ k, const scalar_t* __restrict__ z,
+                  SquarePlane<acc_t>& dst) {
+  acc_t* __restrict__ out = dst.row(0);
+  for (int64_t e = 0; e < dst.S * dst.S; ++e) out[e] = acc_t(k[e]) * acc_t(z[e]);
 }
 
 // dst = srcᵀ, written row by row (strided reads, contiguous writes: measured faster
@@ -312,10 +326,9 @@ void load_transposed(const scalar_t* __restrict__ src, SquarePlane<acc_t>& dst) 
 }
 
 template <typename scalar_t, typename acc_t>
-void store_plane(const SquarePlane<acc_t>& src, scalar_t* dst) {
-  for (int64_t i = 0; i < src.S; ++i) {
-    for (int64_t j = 0; j < src.S; ++j) dst[i * src.S + j] = static_cast<scalar_t>(src.row(i)[j]);
-  }
+void store_plane(const SquarePlane<acc_t>& src, scalar_t* __restrict__ dst) {
+  const acc_t* __restrict__ in = src.row(0);
+  for (int64_t e = 0; e < src.S * src.S; ++e) dst[e] = static_cast<scalar_t>(in[e]);
 }
 
 at::Tensor global_matmul_forward(const at::Tensor& k, const at::Tensor& z, const at::Tensor& x) {
@@ -336,7 +349,7 @@ at::Tensor global_matmul_forward(const at::Tensor& k, const at::Tensor& z, const
       for (int64_t p = p0; p < p1; ++p) {
         load_product(kp + (shared ? p % C : p) * N, zp + p * N, w_hat);
         load_plane(xp + p * N, u);
-        gemm_plane(w_hat.row(0), w_hat.stride, int64_t(1), u, out);
+        gemm_plane(w_hat.row(0), S, int64_t(1), u, out);
         store_plane(out, yp + p * N);
       }
     });
@@ -375,27 +388,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_matmul_backward(const at::
     at::parallel_for(0, kernels, grain_for(batch_per_kernel * N * S), [&](int64_t k0, int64_t k1) {
       SquarePlane<acc_t> w_hat(S), u_t(S), g(S), g_what(S), g_u(S), g_k(S);
       for (int64_t kk = k0; kk < k1; ++kk) {
-        const scalar_t* k_plane = kp + kk * N;
+        const scalar_t* __restrict__ k_plane = kp + kk * N;
         std::fill(g_k.data.begin(), g_k.data.end(), acc_t(0));
         for (int64_t b = 0; b < batch_per_kernel; ++b) {
           const int64_t p = shared ? b * C + kk : kk;
-          const scalar_t* z_plane = zp + p * N;
+          const scalar_t* __restrict__ z_plane = zp + p * N;
           if (shared && b + 1 < B) {
             for (const scalar_t* t : {zp, up, gyp}) prefetch(t + (p + C) * N, N);
           }
           load_product(k_plane, z_plane, w_hat);
           load_transposed(up + p * N, u_t);
           load_plane(gyp + p * N, g);
-          gemm_plane(g.row(0), g.stride, int64_t(1), u_t, g_what);  // gy · uᵀ
-          gemm_plane(w_hat.row(0), int64_t(1), w_hat.stride, g, g_u);  // Ŵᵀ · gy
-          for (int64_t i = 0; i < S; ++i) {
-            for (int64_t j = 0; j < S; ++j) {
-              const int64_t e = i * S + j;
-              const acc_t gw = g_what.row(i)[j];
-              g_k.row(i)[j] += gw * acc_t(z_plane[e]);
-              const acc_t gz_e = gw * acc_t(k_plane[e]);
-              gzp[p * N + e] = static_cast<scalar_t>(x.defined() ? gz_e : gz_e + g_u.row(i)[j]);
-            }
+          gemm_plane(g.row(0), S, int64_t(1), u_t, g_what);  // gy · uᵀ
+          gemm_plane(w_hat.row(0), int64_t(1), S, g, g_u);  // Ŵᵀ · gy
+          const acc_t* __restrict__ gw = g_what.row(0);
+          const acc_t* __restrict__ gu = g_u.row(0);
+          acc_t* __restrict__ gk_sum = g_k.row(0);
+          scalar_t* __restrict__ gz_plane = gzp + p * N;
+          for (int64_t e = 0; e < N; ++e) {
+            gk_sum[e] += gw[e] * acc_t(z_plane[e]);
+            const acc_t gz_e = gw[e] * acc_t(k_plane[e]);
+            gz_plane[e] = static_cast<scalar_t>(x.defined() ? gz_e : gz_e + gu[e]);
           }
           if (x.defined()) store_plane(g_u, gxp + p * N);
         }
