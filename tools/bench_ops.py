@@ -11,6 +11,12 @@ every block of 128 KiB or more on its own (MALLOC_MMAP_THRESHOLD_), so the
 resident-set high-water mark (reset through /proc/self/clear_refs before each
 measurement; Linux only) follows the live tensors, after one warm-up call.
 
+The timing process fixes glibc's allocator (mallopt: mmap threshold 32 MiB, no trimming),
+so a tensor under 32 MiB reuses freed heap memory. Left to adapt, glibc hands out fresh,
+page-faulting memory or reused memory depending on what ran before: the same 3×3
+convolution forward measured 0.48 ms and 1.87 ms, and the eager reference 0.73 and 5.71 ms,
+in the first case of two processes. --default-malloc leaves glibc as it is.
+
     python tools/bench_ops.py                    # all cases, 2 threads
     python tools/bench_ops.py --only dot --repeats 30
     python tools/bench_ops.py --tiny --json /tmp/b.json   # seconds: the test's smoke run
@@ -19,6 +25,7 @@ measurement; Linux only) follows the live tensors, after one warm-up call.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import os
@@ -194,6 +201,17 @@ def copy_bandwidth(repeats: int) -> float:
     return 2 * src.numel() * src.element_size() / statistics.median(times[3:])
 
 
+def steady_allocator() -> str:
+    """Makes glibc serve tensors under 32 MiB from reused heap memory (see the module doc)."""
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        fixed = libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    except (OSError, AttributeError):
+        fixed = False
+    return "glibc, mmap threshold 32 MiB, no trimming" if fixed else "as the platform sets it"
+
+
 def time_interleaved(impls: dict[str, Callable[[], None]], repeats: int, warmup: int,
                      budget: float) -> dict[str, float]:
     """Median seconds per call; fewer repeats (at least 3) when a round exceeds the budget."""
@@ -360,11 +378,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
     parser.add_argument("--json", type=Path, default=Path("docs/bench_ops.json"))
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory worker")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's adaptive mmap and trim thresholds as they are")
     parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--crossover", action="store_true", help="fit algo=auto's direct/FFT crossover")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    # Not in the memory worker, whose own allocator settings make its RSS follow the tensors.
+    timing = not args.memory_worker and not args.default_malloc
+    allocator = steady_allocator() if timing else "as the platform sets it"
     if args.crossover:
         measure_crossover(args)
         return 0
@@ -383,11 +406,13 @@ def main(argv: list[str] | None = None) -> int:
         peaks = measure_memory(worker_argv)
         for r in results:
             r["peak_mb"] = peaks[r["name"]]
+    print(f"allocator: {allocator}")
     print_table(results, bandwidth)
     meta = {
         "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "threads": args.threads,
         "torch": torch.__version__, "backend": str(terminator.ops.backend()), "repeats": args.repeats,
-        "copy_bandwidth_GBps": bandwidth / 1e9, "date": time.strftime("%Y-%m-%d %H:%M"),
+        "copy_bandwidth_GBps": bandwidth / 1e9, "allocator": allocator,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
