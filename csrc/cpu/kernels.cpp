@@ -273,9 +273,10 @@ void gemm_rows(const acc_t* a, int64_t a_row, int64_t a_col, const acc_t* b, int
 // comes after any spill into them.
 // Row tiles of up to 8 rows × 2 vectors (16 sums), the rows split evenly: 28 rows as
 // 4 × 7 rather than 3 × 8 + 4, whose 4-row tile took 30 % of the products' time for
-// 14 % of the rows (8 sums hide the FMA latency poorly). Against 4-row tiles throughout,
-// 8 rows gave forward 1.05 -> 0.78 ms and backward 2.8 -> 2.3 ms at B=64, C=36, 28×28
-// (A/B in alternating processes); 12 was no better.
+// 14 % of the rows (in a perf profile; 8 sums barely cover the FMA latency); even tiles,
+// backward 2.34 -> 2.26 ms. Against 4-row tiles throughout, 8 rows gave forward 1.05 ->
+// 0.78 ms and backward 2.8 -> 2.3 ms at B=64, C=36, 28×28 (A/B in alternating
+// processes); 12 was no better.
 template <typename acc_t>
 void gemm_plane(const acc_t* a, int64_t a_row, int64_t a_col, const SquarePlane<acc_t>& b,
                 SquarePlane<acc_t>& c) {
