@@ -389,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     timing = not args.memory_worker and not args.default_malloc
     allocator = steady_allocator() if timing else "as the platform sets it"
     if args.crossover:
+        print(f"allocator: {allocator}")
         measure_crossover(args)
         return 0
     cases = [c for c in all_cases(args.tiny) if args.only in c.name]

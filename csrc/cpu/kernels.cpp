@@ -50,13 +50,15 @@ void for_each_row_piece(int64_t begin, int64_t end, int64_t cols, const Fn& fn) 
   }
 }
 
-// A new contiguous output shaped like `like`. glibc serves 32 MiB or more with a fresh
-// mapping (its largest mmap threshold), whose first touch faults in 4 KiB pages: at
-// B=64, C=36, L=4096 (38 MB per tensor) those faults cost more than dot's arithmetic.
-// Advising transparent huge pages on the 2 MiB-aligned interior before anything writes
-// it makes one fault of 512 (a 38 MB copy into a fresh tensor: 5.9 -> 2.2 ms; into a
-// reused one: 1.2 ms). Every caller writes all of its output, so nothing is committed
-// that would not be anyway. Advice only: a no-op where THP is off, errors ignored.
+// A new contiguous output shaped like `like`. glibc serves 32 MiB or more (its largest
+// mmap threshold) from a fresh mapping unless a free heap chunk is big enough, and a
+// fresh mapping's first touch faults in 4 KiB pages: at B=64, C=36, L=4096 (38 MB per
+// tensor) those faults cost more than dot's arithmetic. Advising transparent huge pages
+// on the 2 MiB-aligned interior before anything writes it makes one fault of 512 (a
+// 38 MB copy into a fresh tensor: 5.9 -> 2.2 ms; into a reused one: 1.2 ms); on memory
+// already resident it changes nothing. Every caller writes all of its output, so nothing
+// is committed that would not be anyway. Advice only: a no-op where THP is off, errors
+// ignored.
 at::Tensor empty_output_like(const at::Tensor& like) {
   auto out = at::empty_like(like, at::MemoryFormat::Contiguous);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
