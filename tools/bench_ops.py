@@ -201,6 +201,9 @@ def copy_bandwidth(repeats: int) -> float:
     return 2 * src.numel() * src.element_size() / statistics.median(times[3:])
 
 
+PLATFORM_ALLOCATOR = "as the platform sets it"
+
+
 def steady_allocator() -> str:
     """Makes glibc serve tensors under 32 MiB from reused heap memory (see the module doc)."""
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -209,7 +212,7 @@ def steady_allocator() -> str:
         fixed = libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
     except (OSError, AttributeError):
         fixed = False
-    return "glibc, mmap threshold 32 MiB, no trimming" if fixed else "as the platform sets it"
+    return "glibc, mmap threshold 32 MiB, no trimming" if fixed else PLATFORM_ALLOCATOR
 
 
 def time_interleaved(impls: dict[str, Callable[[], None]], repeats: int, warmup: int,
@@ -387,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     # Not in the memory worker, whose own allocator settings make its RSS follow the tensors.
     timing = not args.memory_worker and not args.default_malloc
-    allocator = steady_allocator() if timing else "as the platform sets it"
+    allocator = steady_allocator() if timing else PLATFORM_ALLOCATOR
     if args.crossover:
         print(f"allocator: {allocator}")
         measure_crossover(args)
