@@ -3,12 +3,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
-
-#include <tuple>
 #include <ATen/OpMathType.h>
 #include <c10/util/irange.h>
 
 #include <string>
+#include <tuple>
 
 namespace terminator {
 
