@@ -388,3 +388,23 @@ def test_sanitizer_build_without_its_runtime_says_how_to_preload_it(tmp_path):
 def test_sanitize_value_is_checked(tmp_path):
     result = _probe(tmp_path / "cache", TERMINATOR_SANITIZE="maybe")
     assert result["error"] == "ValueError" and "TERMINATOR_SANITIZE must be 0 or 1" in result["message"]
+
+
+# ---- the target architecture --------------------------------------------------------------
+
+
+def test_march_replaces_native_and_has_its_own_cache_entry(monkeypatch):
+    monkeypatch.delenv("TERMINATOR_MARCH", raising=False)
+    assert _build.cpp_flags() == _build.CPP_FLAGS
+    monkeypatch.setenv("TERMINATOR_MARCH", "x86-64-v3")
+    flags = _build.cpp_flags()
+    assert "-march=x86-64-v3" in flags and "-march=native" not in flags and "-O3" in flags
+    src, sources = _build.source_dir(), list(_build.CPP_SOURCES)
+    assert _build.build_dir_for("t", src, sources, flags) != _build.build_dir_for("t", src, sources, _build.CPP_FLAGS)
+
+
+@pytest.mark.parametrize("value", ["x86-64 -O0", "native;rm", "-mtune=x"])
+def test_march_that_is_not_one_value_is_an_error_naming_it(monkeypatch, value):
+    monkeypatch.setenv("TERMINATOR_MARCH", value)
+    with pytest.raises(ValueError, match="TERMINATOR_MARCH must be a -march value"):
+        _build.cpp_flags()

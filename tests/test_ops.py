@@ -107,15 +107,17 @@ def test_global_real_sizes_and_dtypes(batch, channels, spatial, mode, has_x, dty
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("side", [5, 17, 28, 40, 63, 64, 65])
+@pytest.mark.parametrize("side", [3, 5, 17, 28, 40, 63, 64, 65])
 @pytest.mark.parametrize("form", KERNEL_FORMS)
 def test_global_matmul_vector_spans_and_the_fused_kernels_limit(side, form, dtype):
     """The CPU kernel multiplies planes up to 64×64 itself and hands larger ones to ATen.
 
-    Its GEMM works in whole 64-byte vectors per row, the last one running into the next
-    row when the side is not a multiple of the vector's lanes: one vector for several rows
-    (5), two with a spill (17, 28), three (40: a single-vector group before a pair), four
-    (63 with a spill, 64 without); float64 has half the lanes.
+    Its GEMM works in whole vectors per row, the last one running into the next row when
+    the side is not a multiple of the vector's lanes. With AVX-512's 64-byte vectors: one
+    vector for several rows (5), two with a spill (17, 28), three (40: a single-vector group
+    before a pair), four (63 with a spill, 64 without); float64 has half the lanes. CI runs
+    this file against AVX2 and SSE2 builds too (32- and 16-byte vectors, where 3 is one vector
+    for several rows too).
     """
     k, z, x = global_inputs(2, 2, (side, side), form, True, dtype, seed=2)
     check_against_reference(ours_global("matmul"), global_ref("matmul"), (k, z, x), "kzx", dtype)

@@ -182,26 +182,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_dot_backward(const at::Ten
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-// 64 bytes of acc_t as one GCC/Clang vector: -march=native makes it one AVX-512
-// register (two AVX2 ones, four NEON ones elsewhere). The weight gradient's loops left
+// The target's widest vector registers, and how many there are; the register blockings
+// below (tiles, kernel-row groups, tap runs) are sized from the count. A GCC/Clang vector
+// wider than the hardware's is lowered through the stack in 16-byte pieces: built for
+// AVX2 (-march=znver3) with 64-byte vectors, matmul forward+backward at B=64, C=36, 28×28
+// took 55.9 ms and the per-sample 7×7 convolution 34.3 ms; with 32-byte ones 3.5 and
+// 5.6 ms (docs/PERFORMANCE.md).
+#if defined(__AVX512F__)
+constexpr int64_t kVectorBytes = 64, kVectorRegisters = 32;
+#elif defined(__AVX__)
+constexpr int64_t kVectorBytes = 32, kVectorRegisters = 16;
+#elif defined(__aarch64__)
+constexpr int64_t kVectorBytes = 16, kVectorRegisters = 32;  // NEON
+#else
+constexpr int64_t kVectorBytes = 16, kVectorRegisters = 16;  // SSE2, and anything else
+#endif
+
+// One vector register of acc_t as a GCC/Clang vector. The weight gradient's loops left
 // to the auto-vectorizer ran at 4.6 GMAC/s per core here; written with this, 40-53.
-// Register blockings below (tiles, kernel-row groups) are sized for AVX-512's 32 vector
-// registers; on AVX2 each vector takes two and the larger groups spill (slower, still
-// correct). GCC gives a vector type its element type's alias set, so the casts between
-// acc_t* and vector* below are well-defined there.
+// GCC gives a vector type its element type's alias set, so the casts between acc_t*
+// and vector* below are well-defined there.
 template <typename T>
-struct Vec64;
+struct Vec;
 template <>
-struct Vec64<float> {
-  typedef float type __attribute__((vector_size(64), aligned(alignof(float))));
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(kVectorBytes), aligned(alignof(float))));
 };
 template <>
-struct Vec64<double> {
-  typedef double type __attribute__((vector_size(64), aligned(alignof(double))));
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(kVectorBytes), aligned(alignof(double))));
 };
-// Values of T in one Vec64.
+// Values of T in one Vec.
 template <typename T>
-constexpr int64_t kLanes = sizeof(typename Vec64<T>::type) / sizeof(T);
+constexpr int64_t kLanes = sizeof(typename Vec<T>::type) / sizeof(T);
 
 // ---- hyperzzw_global, mode="matmul" -------------------------------------------
 //
@@ -236,7 +249,7 @@ template <int R, int NV, typename acc_t>
 void gemm_tile(const acc_t* __restrict__ a, int64_t a_row, int64_t a_col,
                const acc_t* __restrict__ b, int64_t S, int64_t i, int64_t j,
                acc_t* __restrict__ c) {
-  using V = typename Vec64<acc_t>::type;
+  using V = typename Vec<acc_t>::type;
   constexpr int64_t L = kLanes<acc_t>;
   V acc[R][NV] = {};
   for (int64_t p = 0; p < S; ++p) {
@@ -252,8 +265,12 @@ void gemm_tile(const acc_t* __restrict__ a, int64_t a_row, int64_t a_col,
   }
 }
 
-// Rows [i, i + rows) (1 ≤ rows ≤ 8) of c = A · b, vectors [v, v + 2) (or just v, for
-// the last vector of a row with an odd count).
+// Rows in one GEMM tile: R × 2 sums, 2 vectors of b and a broadcast of A in registers,
+// at most 8 (12 rows were no faster with AVX-512's 32 registers, below); 6 with 16.
+constexpr int64_t kGemmMaxRows = std::min<int64_t>(8, (kVectorRegisters - 3) / 2);
+
+// Rows [i, i + rows) (1 ≤ rows ≤ kGemmMaxRows) of c = A · b, vectors [v, v + 2) (or just
+// v, for the last vector of a row with an odd count).
 template <typename acc_t>
 void gemm_rows(const acc_t* a, int64_t a_row, int64_t a_col, const acc_t* b, int64_t S,
                int64_t i, int64_t rows, int64_t v, bool pair, acc_t* c) {
@@ -273,17 +290,17 @@ void gemm_rows(const acc_t* a, int64_t a_row, int64_t a_col, const acc_t* b, int
 // never further, and the last row's into the slack. Groups of vectors go last-first and
 // rows in increasing order within a group, so every row's own store of those columns
 // comes after any spill into them.
-// Row tiles of up to 8 rows × 2 vectors (16 sums), the rows split evenly: 28 rows as
-// 4 × 7 rather than 3 × 8 + 4, whose 4-row tile took 30 % of the products' time for
-// 14 % of the rows (in a perf profile; 8 sums barely cover the FMA latency); even tiles,
-// backward 2.34 -> 2.26 ms. Against 4-row tiles throughout, 8 rows gave forward 1.05 ->
-// 0.78 ms and backward 2.8 -> 2.3 ms at B=64, C=36, 28×28 (A/B in alternating
-// processes); 12 was no better.
+// Row tiles of up to kGemmMaxRows rows × 2 vectors, the rows split evenly. With AVX-512
+// (8 rows): 28 rows as 4 × 7 rather than 3 × 8 + 4, whose 4-row tile took 30 % of the
+// products' time for 14 % of the rows (in a perf profile; 8 sums barely cover the FMA
+// latency); even tiles, backward 2.34 -> 2.26 ms. Against 4-row tiles throughout, 8 rows
+// gave forward 1.05 -> 0.78 ms and backward 2.8 -> 2.3 ms at B=64, C=36, 28×28 (A/B in
+// alternating processes); 12 was no better.
 template <typename acc_t>
 void gemm_plane(const acc_t* a, int64_t a_row, int64_t a_col, const SquarePlane<acc_t>& b,
                 SquarePlane<acc_t>& c) {
-  constexpr int64_t L = kLanes<acc_t>, kMaxRows = 8;
-  const int64_t S = b.S, vectors = (S + L - 1) / L, tiles = (S + kMaxRows - 1) / kMaxRows;
+  constexpr int64_t L = kLanes<acc_t>;
+  const int64_t S = b.S, vectors = (S + L - 1) / L, tiles = (S + kGemmMaxRows - 1) / kGemmMaxRows;
   for (int64_t v = (vectors - 1) / 2 * 2; v >= 0; v -= 2) {
     for (int64_t t = 0, i = 0; t < tiles; ++t) {
       const int64_t rows = (S - i) / (tiles - t);
@@ -430,7 +447,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_matmul_backward(const at::
 //
 // Each plane is first copied, in the accumulation type, into a zero-padded
 // buffer, so the inner loops have no bounds and convert nothing: outputs are
-// computed a tile of Vec64 vectors at a time in registers, over every kernel tap.
+// computed a tile of vectors at a time in registers, over every kernel tap.
 
 constexpr int64_t kBlock = 16;
 
@@ -460,7 +477,7 @@ void copy_into_padded(const scalar_t* __restrict__ in, int64_t H, int64_t W, con
 // a third of the speed of the weight gradient it guards).
 template <typename acc_t>
 bool all_finite(const acc_t* v, int64_t n) {
-  using V = typename Vec64<acc_t>::type;
+  using V = typename Vec<acc_t>::type;
   constexpr int64_t L = kLanes<acc_t>;
   V vector_sum = {};
   int64_t j = 0;
@@ -488,7 +505,7 @@ template <int R, int NV, typename scalar_t, typename acc_t>
 void correlate_tile(const acc_t* __restrict__ p, int64_t stride, const acc_t* __restrict__ w,
                     int64_t Kh, int64_t Kw, int64_t i, int64_t j, int64_t W,
                     scalar_t* __restrict__ out) {
-  using V = typename Vec64<acc_t>::type;
+  using V = typename Vec<acc_t>::type;
   constexpr int64_t L = kLanes<acc_t>;
   V acc[R][NV] = {};
   for (int64_t qi = 0; qi < Kh; ++qi) {
@@ -586,7 +603,7 @@ template <int KH, int KW, bool MaskTail, typename acc_t>
 void weight_grad_taps(const acc_t* __restrict__ g, int64_t g_stride, const acc_t* __restrict__ p,
                       int64_t stride, int64_t H, int64_t W, acc_t* __restrict__ gw,
                       int64_t gw_stride) {
-  using V = typename Vec64<acc_t>::type;
+  using V = typename Vec<acc_t>::type;
   constexpr int64_t L = kLanes<acc_t>;
   static_assert(kBlock % L == 0, "g's row stride must hold whole vectors");
   const int64_t full = MaskTail ? W / L * L : round_up(W, L);  // columns summed as vectors
@@ -619,15 +636,19 @@ void weight_grad_taps(const acc_t* __restrict__ g, int64_t g_stride, const acc_t
   }
 }
 
+// Taps of one kernel row summed in one pass: KW sums and KW vectors of p in registers.
+constexpr int64_t kMaxTapRun = kVectorRegisters >= 32 ? 9 : 6;
+
 // Kernel rows in groups of as many as the registers hold for runs of KW taps: KH·KW sums,
-// KW vectors of p and one of g within the 32 vector registers of AVX-512. Measured against
+// KW vectors of p and one of g within kVectorRegisters (32 with AVX-512). Measured against
 // one row at a time (backward at B=64, C=36, 28×28, three alternating processes each):
 // 5×5 1.56 -> 1.37 ms, 7×7 2.73 -> 2.28, 9×9 3.89 -> 3.36, but 3×3 0.80 -> 0.87, so runs
 // of up to 3 taps keep one row at a time.
 template <int KW, bool MaskTail, typename acc_t>
 void weight_grad_tap_run(const acc_t* g, int64_t g_stride, const acc_t* p, int64_t stride,
                          int64_t Kh, int64_t H, int64_t W, acc_t* gw, int64_t gw_stride) {
-  constexpr int64_t kMaxRows = KW <= 3 ? 1 : std::min(8, (28 - KW) / KW);
+  constexpr int64_t kMaxRows =
+      KW <= 3 ? 1 : std::clamp<int64_t>((kVectorRegisters - 4 - KW) / KW, 1, 8);
   for (int64_t qi0 = 0; qi0 < Kh;) {
     const int64_t rows = std::min(kMaxRows, Kh - qi0);
     const acc_t* pr = p + qi0 * stride;
@@ -649,12 +670,12 @@ void weight_grad_tap_run(const acc_t* g, int64_t g_stride, const acc_t* p, int64
 }
 
 // gw[qi, qj] += Σ_{i<H, j<W} g[i, j] · p[i + qi, j + qj] for a padded plane p, in runs of
-// at most 9 taps of every kernel row.
+// at most kMaxTapRun taps of every kernel row.
 template <bool MaskTail, typename acc_t>
 void weight_grad_padded(const acc_t* g, int64_t g_stride, const acc_t* p, int64_t stride,
                         int64_t Kh, int64_t Kw, int64_t H, int64_t W, acc_t* gw) {
   for (int64_t q0 = 0; q0 < Kw;) {
-    const int64_t n = Kw - q0 > 9 ? 8 : Kw - q0;
+    const int64_t n = Kw - q0 > kMaxTapRun ? kMaxTapRun - 1 : Kw - q0;
     switch (n) {
 #define TERMINATOR_TAPS_CASE(N)                                                              \
   case N:                                                                                    \

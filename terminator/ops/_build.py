@@ -32,6 +32,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -55,8 +56,10 @@ NATIVE_FLAGS = ("-march=native",) if sys.platform.startswith("linux") and os.una
 CPP_FLAGS = ("-O3", "-fopenmp", *NATIVE_FLAGS)
 CUDA_FLAGS = ("-O3", "--expt-relaxed-constexpr")
 LD_FLAGS = ("-fopenmp",)
-# TERMINATOR_SANITIZE=1: ASan + UBSan, with frame pointers and debug info for readable reports.
-SANITIZE_FLAGS = ("-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g", "-O1", "-fopenmp")
+# TERMINATOR_SANITIZE=1: ASan + UBSan, with frame pointers and debug info for readable reports,
+# for the same target as the normal build (the CPU kernels' vector code depends on it).
+SANITIZE_FLAGS = ("-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g", "-O1", "-fopenmp",
+                  *NATIVE_FLAGS)
 SANITIZE_LD_FLAGS = ("-fsanitize=address,undefined", "-fopenmp")
 LOCK_POLL_SECONDS = 0.2
 # After this long waiting for another process's build, say so on stderr (once).
@@ -142,6 +145,18 @@ def cuda_build_status() -> tuple[bool, str]:
     if not cuda_sources(source_dir()):
         return False, "no CUDA sources in this installation"
     return True, f"CUDA {torch.version.cuda} device and toolkit at {CUDA_HOME}"
+
+
+def cpp_flags() -> tuple[str, ...]:
+    """The C++ flags: CPP_FLAGS, or with TERMINATOR_MARCH=<arch> ``-march=<arch>`` in place
+    of -march=native, e.g. x86-64-v3 (AVX2) or x86-64 (SSE2) to build and test the kernels'
+    narrower-vector code on a machine with AVX-512, or to build for a family of machines."""
+    arch = os.environ.get("TERMINATOR_MARCH", "").strip()
+    if not arch:
+        return CPP_FLAGS
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", arch):
+        raise ValueError(f"TERMINATOR_MARCH must be a -march value such as x86-64-v3, got {arch!r}")
+    return ("-O3", "-fopenmp", f"-march={arch}")
 
 
 def sanitize_requested() -> bool:
@@ -472,7 +487,7 @@ def select_backend() -> BackendInfo:
     if requested == "cuda" and not want_cuda:
         raise BuildError(f"TERMINATOR_BACKEND=cuda but the CUDA backend is unavailable: {cuda_reason}")
     sanitize = sanitize_requested()
-    flags = dict(cflags=SANITIZE_FLAGS, ldflags=SANITIZE_LD_FLAGS) if sanitize else {}
+    flags = dict(cflags=SANITIZE_FLAGS, ldflags=SANITIZE_LD_FLAGS) if sanitize else dict(cflags=cpp_flags())
     verbose = os.environ.get("TERMINATOR_VERBOSE_BUILD", "") == "1"
     try:
         src = source_dir()
