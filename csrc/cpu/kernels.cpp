@@ -17,6 +17,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 // The finiteness checks (all_finite, load_kernel) need IEEE semantics.
 #if defined(__FAST_MATH__) || (defined(__FINITE_MATH_ONLY__) && __FINITE_MATH_ONLY__)
@@ -215,6 +218,32 @@ struct Vec<double> {
 // Values of T in one Vec.
 template <typename T>
 constexpr int64_t kLanes = sizeof(typename Vec<T>::type) / sizeof(T);
+
+// dst[0, m) = v[0, m) for 0 < m < kLanes: one masked store where the target has them. A
+// plain loop here becomes `rep movs` from a stack copy of v, whose start-up took a third
+// of the direct 3×3 correlation's time at 28×28 (rows of 16 + 12 floats).
+template <typename T>
+inline void store_first_lanes(T* dst, typename Vec<T>::type v, int64_t m) {
+  // The casts reinterpret v's bits as the intrinsic's type (a value cast: that type is
+  // aligned to its size, v's type only to T's).
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_mask_storeu_ps(dst, static_cast<__mmask16>((1u << m) - 1), (__m512)v);
+  } else {
+    _mm512_mask_storeu_pd(dst, static_cast<__mmask8>((1u << m) - 1), (__m512d)v);
+  }
+#elif defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    _mm256_maskstore_ps(dst, _mm256_cmpgt_epi32(_mm256_set1_epi32(int(m)), lanes), (__m256)v);
+  } else {
+    const __m256i lanes = _mm256_setr_epi64x(0, 1, 2, 3);
+    _mm256_maskstore_pd(dst, _mm256_cmpgt_epi64(_mm256_set1_epi64x(m), lanes), (__m256d)v);
+  }
+#else
+  for (int64_t t = 0; t < m; ++t) dst[t] = v[t];
+#endif
+}
 
 // ---- hyperzzw_global, mode="matmul" -------------------------------------------
 //
@@ -525,8 +554,10 @@ void correlate_tile(const acc_t* __restrict__ p, int64_t stride, const acc_t* __
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
         if (m == L) {
           *reinterpret_cast<V*>(o + v * L) = acc[r][v];
-          continue;
+        } else if (m > 0) {
+          store_first_lanes(o + v * L, acc[r][v], m);
         }
+        continue;
       }
       for (int64_t t = 0; t < m; ++t) o[v * L + t] = static_cast<scalar_t>(acc[r][v][t]);
     }
