@@ -108,6 +108,29 @@ def test_direct_weight_gradient_keeps_an_inf_in_x_to_the_taps_that_meet_it():
     assert torch.equal(_classes(gw), _classes(gw_ref))
 
 
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("size", [3, 7])
+def test_direct_weight_gradient_with_inf_and_nan_in_x_or_grad_y_matches_the_reference(size, shared):
+    """The weight gradient sums whole vectors first and checks x only when a sum is not
+    finite (csrc/cpu/kernels.cpp, weight_grad_plane): an inf or NaN in x, in the last
+    column (where the vector lanes past the row's end meet it) or the first, or in
+    grad_y (x finite), or none, in different planes of one call."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 2, 9, 20, dtype=torch.float64, generator=gen)
+    grad_y = torch.randn(3, 2, 9, 20, dtype=torch.float64, generator=gen)
+    grad_y[:, :, :, 10:] = 0.0  # zeros meeting the inf: 0 · inf must give NaN only where the reference has it
+    x[0, 1, 4, 19] = INF
+    x[1, 0, 0, 0] = NAN
+    grad_y[2, 1, 3, 5] = -INF
+    w = torch.randn(*((2,) if shared else (3, 2)), size, size, dtype=torch.float64, generator=gen)
+    _, _, gw = _grads(lambda x, w: ops.hyperkernel_conv(x, w, algo="direct"), (x, w), grad_y)
+    _, _, gw_ref = _grads(reference.conv_same, (x, w), grad_y)
+    assert torch.equal(_classes(gw), _classes(gw_ref))
+    finite = gw_ref.isfinite()
+    assert bool(finite.any())
+    torch.testing.assert_close(gw[finite], gw_ref[finite])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("spatial", [(4096,), (128, 128)])
 def test_fft_error_at_full_kernel_size_stays_within_the_tolerance(spatial, dtype):
