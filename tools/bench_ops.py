@@ -3,7 +3,8 @@
 
 In one process, interleaved (each repeat runs every implementation once, so a
 noisy neighbour hits all of them alike), warm-up excluded, medians over repeats.
-Prints a table and writes JSON. For memory-bound ops also the bytes a perfect kernel
+Prints a table, then issue 3's targets, each marked met or MISSED with the ratios of
+this run (evaluate_targets), and writes both as JSON. For memory-bound ops also the bytes a perfect kernel
 moves and %copy: the time of a tensor copy of those same bytes, timed in the same
 interleaved rounds, as a share of ours (100 % = copy speed); for every case the peak
 memory of forward+backward: measured in a worker process whose allocator maps
@@ -54,6 +55,8 @@ class Case:
     bytes_fwd: int | None = None  # memory-bound ops: bytes a perfect kernel moves
     bytes_fwdbwd: int | None = None
     extra: dict[str, Callable] = dataclasses.field(default_factory=dict)  # more baselines
+    # What the issue's targets select cases by: op, spatial, and for hkconv ksize, algo, shared.
+    tags: dict = dataclasses.field(default_factory=dict)
 
 
 def _global_case(mode: str, batch: int, channels: int, spatial: tuple[int, ...]) -> Case:
@@ -77,6 +80,7 @@ def _global_case(mode: str, batch: int, channels: int, spatial: tuple[int, ...])
         # writes gk, gz, gx (k is shared, so its traffic is one plane).
         bytes_fwd=elem * n * (3 * batch + 1) if mode == "dot" else None,
         bytes_fwdbwd=elem * n * ((3 * batch + 1) + (6 * batch + 2)) if mode == "dot" else None,
+        tags={"op": mode, "spatial": spatial},
     )
 
 
@@ -98,6 +102,7 @@ def _hkconv_case(batch: int, channels: int, spatial: tuple[int, ...], ksize: int
         make=make,
         ours=lambda x, w: terminator.ops.hyperkernel_conv(x, w, algo=algo),
         ref=lambda x, w: reference.hyperkernel_conv(x, w),
+        tags={"op": "hkconv", "spatial": spatial, "ksize": ksize, "algo": algo, "shared": shared},
     )
     if shared:
         conv = F.conv1d if len(spatial) == 1 else F.conv2d
@@ -252,7 +257,7 @@ def bench_case(case: Case, args) -> dict:
     _upstream_grads.clear()
     inputs = case.make()
     impls = implementations(case, args)
-    result = {"name": case.name, "group": case.group}
+    result = {"name": case.name, "group": case.group, "tags": case.tags}
     for phase, runner in (("fwd", _fwd), ("fwdbwd", _fwdbwd)):
         runs = {name: (lambda fn=fn: runner(fn, inputs)) for name, fn in impls.items()}
         moved = case.bytes_fwd if phase == "fwd" else case.bytes_fwdbwd
@@ -322,6 +327,79 @@ def print_rows(r: dict, file=None) -> None:
         print(f"{r['name']:<52} {phase:<6} {ours:8.2f} {eager:9.2f} {_fmt(comp, '8.2f')} "
               f"{eager / ours:7.2f} {_fmt(comp / ours if comp else None, '7.2f')} {_fmt(frac, '6.0f')} "
               f"{peak_s:>19} {others:>20}", file=file, flush=True)
+
+
+# ---- the issue's targets ------------------------------------------------------------------
+
+
+def _ratio(r: dict, comparator: str) -> float | None:
+    """comparator's forward+backward time over ours (> 1: ours is faster)."""
+    t = r["fwdbwd"]
+    return t[comparator] / t["ours"] if t.get(comparator) else None
+
+
+def _label(r: dict) -> str:
+    tags = r["tags"]
+    size = "x".join(map(str, tags["spatial"]))
+    return size if tags["op"] != "hkconv" else f"{tags['ksize']}@{size}"
+
+
+def evaluate_targets(results: list[dict]) -> list[dict]:
+    """Issue 3's targets (forward+backward, ratios from this run): each with the measured
+    values, the threshold and whether every value reaches it (None: no case measured)."""
+    def by(op: str, **want) -> list[dict]:
+        return [r for r in results if r["tags"].get("op") == op
+                and all(r["tags"].get(k) in v for k, v in want.items())]
+
+    dot = by("dot")
+    per_sample = by("hkconv", shared=[False], algo=["auto"])
+    rows = [
+        ("dot >= 8x eager", 8.0, [(_label(r), _ratio(r, "eager")) for r in dot]),
+        ("dot no slower than torch.compile(reference)", 1.0, [(_label(r), _ratio(r, "compiled")) for r in dot]),
+        ("dot >= 60 % of a same-size copy", 0.60, [(_label(r), _ratio(r, "copy")) for r in dot]),
+        ("global conv >= 4x eager (2D 28x28, 1D 784)", 4.0,
+         [(_label(r), _ratio(r, "eager")) for r in by("conv", spatial=[(28, 28), (784,)])]),
+        ("matmul >= 1.5x eager", 1.5, [(_label(r), _ratio(r, "eager")) for r in by("matmul")]),
+        ("per-sample 7x7 >= 8x eager", 8.0,
+         [(_label(r), _ratio(r, "eager")) for r in per_sample if r["tags"]["ksize"] == 7]),
+        ("per-sample 3x3, 5x5, 9x9 >= 5x eager", 5.0,
+         [(_label(r), _ratio(r, "eager")) for r in per_sample if r["tags"]["ksize"] in (3, 5, 9)]),
+        ("shared kernels no slower than F.conv(groups=C)", 1.0,
+         [(_label(r), _ratio(r, "F.conv groups=C")) for r in by("hkconv", shared=[True])]),
+    ]
+    # auto within 10 % of the better of direct and fft, where all three were timed.
+    auto_values = []
+    for r in by("hkconv", algo=["auto"]):
+        same = {o["tags"]["algo"]: o["fwdbwd"]["ours"] for o in results if o["tags"].get("op") == "hkconv"
+                and {k: v for k, v in o["tags"].items() if k != "algo"}
+                == {k: v for k, v in r["tags"].items() if k != "algo"}}
+        if "direct" in same and "fft" in same:
+            auto_values.append((_label(r), min(same["direct"], same["fft"]) / r["fwdbwd"]["ours"]))
+    rows.append(("algo='auto' within 10 % of the better of direct and fft", 1 / 1.10, auto_values))
+    out = []
+    for target, threshold, values in rows:
+        values = [(label, v) for label, v in values if v is not None]
+        met = all(v >= threshold for _, v in values) if values else None
+        out.append({"target": target, "threshold": threshold, "values": values, "met": met})
+    # Peak memory: ours <= eager, in MB (a ratio would divide by a 0 MB peak on tiny shapes).
+    peaks = [(r["name"], r["peak_mb"]["ours"], r["peak_mb"]["eager"]) for r in results
+             if r.get("peak_mb", {}).get("ours") is not None and r["peak_mb"].get("eager") is not None]
+    out.append({"target": "peak memory of forward+backward <= eager", "threshold": None,
+                "values": peaks, "met": all(o <= e for _, o, e in peaks) if peaks else None})
+    return out
+
+
+def print_targets(targets: list[dict]) -> None:
+    print("targets (forward+backward; ratio = comparator's time / ours, met at or above the threshold):")
+    for t in targets:
+        status = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
+        if t["threshold"] is None:  # peak memory: one line per case would drown the rest
+            over = [name for name, ours, eager in t["values"] if ours > eager]
+            shown = f"{len(t['values'])} cases" + (f"; above eager: {', '.join(over)}" if over else "")
+            print(f"  {status:<7} {t['target']}: {shown}")
+            continue
+        shown = ", ".join(f"{label} {v:.2f}" for label, v in t["values"]) or "no case in this run"
+        print(f"  {status:<7} {t['target']} (>= {t['threshold']:.2f}): {shown}")
 
 
 def measure_crossover(args) -> None:
@@ -412,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
             r["peak_mb"] = peaks[r["name"]]
     print(f"allocator: {allocator}")
     print_table(results, bandwidth)
+    targets = evaluate_targets(results)
+    print_targets(targets)
     meta = {
         "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "threads": args.threads,
         "torch": torch.__version__, "backend": str(terminator.ops.backend()), "repeats": args.repeats,
@@ -419,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    args.json.write_text(json.dumps({"meta": meta, "results": results, "targets": targets}, indent=1))
     print(f"wrote {args.json}")
     return 0
 
