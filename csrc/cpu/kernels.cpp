@@ -528,8 +528,14 @@ std::vector<acc_t> padded_buffer(const PaddedPlane& g) {
 
 // Rows [i, i + R) and columns [j, j + NV·L) of out[i, j] = Σ_{qi, qj} w[qi, qj] ·
 // p[i + qi, j + qj] for a padded plane p: R·NV vector sums side by side (independent
-// chains hide the FMA latency), each tap's weight broadcast once for all of them.
-// Columns from W on are computed from the padding and not stored.
+// chains hide the FMA latency). Each vector of p is loaded once for every output row it
+// meets (row s of p serves rows s - qi), rather than once per tap and row: the loads are
+// unaligned, most of them split over two cache lines, and were the bottleneck. Each sum
+// still adds its taps in (qi, qj) order, so results are bitwise the same. A/B at B=64,
+// C=36, 28×28, warm caches, AVX-512: 7×7 forward 0.92 -> 0.65 ms, backward 1.63 -> 1.35;
+// 9×9 1.43 -> 0.99, 2.56 -> 2.13; 3×3 0.27 -> 0.25, 0.58 -> 0.55. (An AVX2 build here:
+// 7×7 forward 1.30 -> 1.15 ms, 3×3 0.35 -> 0.40.) Columns from W on are computed from the
+// padding and not stored.
 template <int R, int NV, typename scalar_t, typename acc_t>
 void correlate_tile(const acc_t* __restrict__ p, int64_t stride, const acc_t* __restrict__ w,
                     int64_t Kh, int64_t Kw, int64_t i, int64_t j, int64_t W,
@@ -537,12 +543,16 @@ void correlate_tile(const acc_t* __restrict__ p, int64_t stride, const acc_t* __
   using V = typename Vec<acc_t>::type;
   constexpr int64_t L = kLanes<acc_t>;
   V acc[R][NV] = {};
-  for (int64_t qi = 0; qi < Kh; ++qi) {
+  for (int64_t s = 0; s < R + Kh - 1; ++s) {  // rows of p; row s serves output rows s - qi
+    const acc_t* row = p + (i + s) * stride + j;
+    const int64_t r0 = std::max<int64_t>(0, s - (Kh - 1)), r1 = std::min<int64_t>(R - 1, s);
     for (int64_t qj = 0; qj < Kw; ++qj) {
-      const acc_t wv = w[qi * Kw + qj];
+      V pv[NV];
+      for (int v = 0; v < NV; ++v) pv[v] = *reinterpret_cast<const V*>(row + qj + v * L);
       for (int r = 0; r < R; ++r) {
-        const acc_t* row = p + (i + r + qi) * stride + j + qj;
-        for (int v = 0; v < NV; ++v) acc[r][v] += wv * *reinterpret_cast<const V*>(row + v * L);
+        if (r < r0 || r > r1) continue;
+        const acc_t wv = w[(s - r) * Kw + qj];
+        for (int v = 0; v < NV; ++v) acc[r][v] += wv * pv[v];
       }
     }
   }
