@@ -1,9 +1,12 @@
 """The op benchmark runs end to end on tiny shapes (untimed: it only must not rot)."""
 
+import collections
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,3 +82,12 @@ def test_the_targets_summary_says_met_only_when_every_case_reaches_its_threshold
     assert auto["met"] is False and auto["values"] == [("7@28x28", 0.95), ("3@28x28", 0.9)]  # 0.9 < 1/1.1
     assert targets["global conv >= 4x eager (2D 28x28, 1D 784)"]["met"] is None  # no case
     assert targets["peak memory of forward+backward <= eager"]["met"] is False  # matmul 3 > 2 MB
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6])
+def test_balanced_orders_let_each_implementation_follow_every_other_equally_often(n):
+    orders = _bench_ops_module().balanced_orders(n)
+    assert all(sorted(order) == list(range(n)) for order in orders)
+    follows = collections.Counter((a, b) for order in orders for a, b in zip(order, order[1:]))
+    assert set(follows) == {(a, b) for a in range(n) for b in range(n) if a != b}
+    assert len(set(follows.values())) <= 1  # every ordered pair equally often
