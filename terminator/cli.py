@@ -19,13 +19,13 @@ import sys
 
 def _cmd_build(args: argparse.Namespace) -> int:
     """Builds (or loads from the cache) the compiled ops and says what is active."""
-    from .ops import _build
-
-    try:
+    try:  # importing terminator.ops builds (or loads) the ops
         import terminator.ops as ops
-    except _build.BuildError as exc:
+    except (RuntimeError, ValueError) as exc:  # BuildError, or a bad TERMINATOR_* setting
         print(f"build failed: {exc}", file=sys.stderr)
         return 1
+    from .ops import _build
+
     info = ops.backend()
     want_cuda, cuda_reason = _build.cuda_build_status()
     print(f"backend: {info.name}")

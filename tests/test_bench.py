@@ -76,8 +76,8 @@ def test_the_targets_summary_says_met_only_when_every_case_reaches_its_threshold
     assert targets["dot no slower than torch.compile(reference)"]["met"] is False
     assert targets["dot >= 60 % of a same-size copy"]["met"] is False
     assert targets["matmul >= 1.5x eager"]["met"] is True
-    assert targets["per-sample 7x7 >= 8x eager"]["met"] is True
-    assert targets["per-sample 3x3, 5x5, 9x9 >= 5x eager"]["met"] is False
+    assert targets["per-sample kernels of 7 (7x7, 1D 7) >= 8x eager"]["met"] is True
+    assert targets["per-sample kernels of 3, 5, 9 (2D and 1D) >= 5x eager"]["met"] is False
     auto = targets["algo='auto' within 10 % of the better of direct and fft"]
     assert auto["met"] is False and auto["values"] == [("7@28x28", 0.95), ("3@28x28", 0.9)]  # 0.9 < 1/1.1
     assert targets["global conv >= 4x eager (2D 28x28, 1D 784)"]["met"] is None  # no case

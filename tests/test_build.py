@@ -201,6 +201,15 @@ def test_reference_backend_compiles_nothing(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize("env", [{"TERMINATOR_MARCH": "a b"}, {"TERMINATOR_MARCH": "no-such-cpu", "TERMINATOR_BACKEND": "cpp"}])
+def test_build_cli_says_why_a_build_fails_without_a_traceback(tmp_path, env):
+    out = subprocess.run([sys.executable, "-m", "terminator", "build"], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "TERMINATOR_CACHE_DIR": str(tmp_path), **env})
+    assert out.returncode == 1
+    assert "build failed: " in out.stderr and "Traceback" not in out.stderr
+    assert "TERMINATOR_MARCH must be" in out.stderr or "no-such-cpu" in out.stderr
+
+
 def test_build_cli_reports_the_active_backend():
     out = subprocess.run([sys.executable, "-m", "terminator", "build"], capture_output=True, text=True, timeout=600)
     import terminator.ops as ops

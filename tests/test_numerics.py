@@ -116,10 +116,11 @@ def test_direct_weight_gradient_with_inf_and_nan_in_x_or_grad_y_matches_the_refe
     column (where the vector lanes past the row's end meet it) or the first, or in
     grad_y (x finite), or none, in different planes of one call."""
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(3, 2, 9, 20, dtype=torch.float64, generator=gen)
-    grad_y = torch.randn(3, 2, 9, 20, dtype=torch.float64, generator=gen)
+    # W = 19: lanes past the row's end exist at every vector width (16, 8, 4, 2 doubles).
+    x = torch.randn(3, 2, 9, 19, dtype=torch.float64, generator=gen)
+    grad_y = torch.randn(3, 2, 9, 19, dtype=torch.float64, generator=gen)
     grad_y[:, :, :, 10:] = 0.0  # zeros meeting the inf: 0 · inf must give NaN only where the reference has it
-    x[0, 1, 4, 19] = INF
+    x[0, 1, 4, 18] = INF
     x[1, 0, 0, 0] = NAN
     grad_y[2, 1, 3, 5] = -INF
     w = torch.randn(*((2,) if shared else (3, 2)), size, size, dtype=torch.float64, generator=gen)

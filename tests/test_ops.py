@@ -117,7 +117,7 @@ def test_global_matmul_vector_spans_and_the_fused_kernels_limit(side, form, dtyp
     vector for several rows (5), two with a spill (17, 28), three (40: a single-vector group
     before a pair), four (63 with a spill, 64 without); float64 has half the lanes. CI runs
     this file against AVX2 and SSE2 builds too (32- and 16-byte vectors, where 3 is one vector
-    for several rows too).
+    for several rows too in float32).
     """
     k, z, x = global_inputs(2, 2, (side, side), form, True, dtype, seed=2)
     check_against_reference(ours_global("matmul"), global_ref("matmul"), (k, z, x), "kzx", dtype)

@@ -5,7 +5,7 @@
 #   3. every .cu compiled with nvcc against the CUDA build of torch's headers
 #   4. the op tests again on the pure-PyTorch fallback (TERMINATOR_BACKEND=reference)
 #   5. the op tests under AddressSanitizer + UBSan (tools/sanitize.sh)
-#   6. the op tests on AVX2 and SSE2 builds (x86-64 Linux)
+#   6. the op and numerics tests on AVX2 and SSE2 builds (x86-64 Linux)
 #   7. the whole suite on the compiled backend
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +36,8 @@ bash tools/sanitize.sh
 # ---- narrower vectors (issue 3) -------------------------------------------------------
 # The CPU kernels size their vectors and register blockings by the build's target
 # (csrc/cpu/kernels.cpp: AVX-512, AVX2, SSE2/NEON), and -march=native builds only this
-# machine's. The op tests again against an AVX2 (x86-64-v3) and an SSE2 (x86-64) build.
+# machine's. The op and numerics tests again against an AVX2 (x86-64-v3) and an SSE2
+# (x86-64) build.
 if [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ]; then
   for arch in x86-64-v3 x86-64; do
     if [ "$arch" = x86-64-v3 ] && ! grep -qw avx2 /proc/cpuinfo; then
@@ -45,7 +46,8 @@ if [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ]; then
     fi
     echo "== op tests on a -march=$arch build (TERMINATOR_MARCH)"
     TERMINATOR_MARCH=$arch TERMINATOR_BACKEND=cpp .venv/bin/python -m terminator build | grep '^flags:'
-    TERMINATOR_MARCH=$arch TERMINATOR_BACKEND=cpp .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_ops.py
+    TERMINATOR_MARCH=$arch TERMINATOR_BACKEND=cpp .venv/bin/python -m pytest -q -p no:cacheprovider \
+      tests/test_ops.py tests/test_numerics.py
   done
 fi
 # ---- end of narrower vectors ------------------------------------------------------------
