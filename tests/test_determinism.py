@@ -47,6 +47,9 @@ CASES = {
     "conv auto 31x31, shared w": ("conv", {"algo": "auto"}, [(B, C, H, W), (1, C, 31, 31)]),
     "conv fft 32x32 full, 3x5 planes": ("conv", {"algo": "fft"}, [(3, 5, 32, 32), (5, 32, 32)]),
     "global conv 64x64, shared k": ("global", {"mode": "conv"}, [(C, 64, 64), (B, C, 64, 64), None]),
+    # Fewer than 32 channels: a shared kernel's gradient sums the batch in chunks.
+    "global matmul, shared k, 2 channels": ("global", {"mode": "matmul"}, [(2, 24, 24), (42, 2, 24, 24), None]),
+    "conv direct 5x5, shared w, 1 channel": ("conv", {"algo": "direct"}, [(42, 1, 20, 20), (1, 5, 5)]),
 }
 # Designed to be thread-count independent (fixed summation order in our own kernels).
 THREAD_INDEPENDENT = [name for name in CASES if "fft" not in name and "auto" not in name

@@ -94,6 +94,19 @@ def test_conv_matches_reference(case, dtype):
 REAL_SIZES = [(2, 3, (28, 28)), (2, 3, (32, 32)), (2, 3, (784,)), (3, 2, (40,))]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("batch,channels", [(42, 1), (9, 3), (40, 31), (8, 32)])
+def test_shared_kernel_gradients_with_few_channels(batch, channels, dtype):
+    """With fewer than 32 channels a shared kernel's gradient sums the batch in chunks of
+    at least 4 samples (csrc/cpu/kernels.cpp, shared_batch_chunks): 42 samples with one
+    channel as 8 chunks of 5 and one of 2, 9 samples with 3 as 5 + 4, 40 with 31 as
+    20 + 20; 32 channels take one chunk."""
+    k, z, x = global_inputs(batch, channels, (12, 12), "1C", True, dtype, seed=3)
+    check_against_reference(ours_global("matmul"), global_ref("matmul"), (k, z, x), "kzx", dtype)
+    x, w = conv_inputs(batch, channels, (12, 13), (5, 3), "C", dtype, seed=3)
+    check_against_reference(ours_conv("direct"), reference.conv_same, (x, w), "xw", dtype)
+
+
 @pytest.mark.parametrize("dtype", EXACT_DTYPES + HALF_DTYPES)
 @pytest.mark.parametrize("batch,channels,spatial", REAL_SIZES)
 @pytest.mark.parametrize("mode", ["dot", "matmul", "conv"])

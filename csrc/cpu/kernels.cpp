@@ -41,6 +41,25 @@ int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, work_per_item));
 }
 
+// A shared kernel's gradient sums each channel over the batch, in batch order, one task
+// per channel. With fewer channels than kMinKernelTasks the batch is also cut into chunks
+// of at least kMinChunkSamples: each chunk is summed by one task and the chunks are added
+// in order afterwards, so C·chunks tasks keep the threads busy (with C = 1 one thread did
+// all the work). The count depends on B and C only, never on the thread count, so the
+// results do not either; with C ≥ kMinKernelTasks there is one chunk, as before.
+constexpr int64_t kMinKernelTasks = 32, kMinChunkSamples = 4;
+
+struct BatchChunks {
+  int64_t count, size;  // chunk q covers samples [q·size, min(B, (q + 1)·size))
+};
+
+BatchChunks shared_batch_chunks(int64_t B, int64_t C) {
+  if (C >= kMinKernelTasks || B < 2 * kMinChunkSamples) return {1, B};
+  const int64_t wanted = std::min((kMinKernelTasks + C - 1) / C, B / kMinChunkSamples);
+  const int64_t size = (B + wanted - 1) / wanted;
+  return {(B + size - 1) / size, size};
+}
+
 // Calls fn(row, i0, i1) for each piece of the flat range [begin, end) of a
 // (rows, cols) matrix that lies inside one row.
 template <class Fn>
@@ -381,6 +400,21 @@ void store_plane(const SquarePlane<acc_t>& src, scalar_t* __restrict__ dst) {
   for (int64_t e = 0; e < src.S * src.S; ++e) dst[e] = static_cast<scalar_t>(in[e]);
 }
 
+// out[k, e] = Σ_q partial[k, q, e] for chunks q in increasing order (shared_batch_chunks).
+template <typename acc_t, typename scalar_t>
+void sum_chunks(const acc_t* partial, int64_t kernels, int64_t chunks, int64_t n, scalar_t* out) {
+  at::parallel_for(0, kernels, grain_for(chunks * n), [&](int64_t k0, int64_t k1) {
+    for (int64_t kk = k0; kk < k1; ++kk) {
+      const acc_t* first = partial + kk * chunks * n;
+      for (int64_t e = 0; e < n; ++e) {
+        acc_t sum = first[e];
+        for (int64_t q = 1; q < chunks; ++q) sum += first[q * n + e];
+        out[kk * n + e] = static_cast<scalar_t>(sum);
+      }
+    }
+  });
+}
+
 at::Tensor global_matmul_forward(const at::Tensor& k, const at::Tensor& z, const at::Tensor& x) {
   const int64_t B = z.size(0), C = z.size(1), S = z.size(2);
   if (S > kMatmulMaxSide) return matmul_forward_aten(k, z, x);
@@ -432,18 +466,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_matmul_backward(const at::
     scalar_t* gzp = gz.mutable_data_ptr<scalar_t>();
     scalar_t* gxp = x.defined() ? gx.mutable_data_ptr<scalar_t>() : nullptr;
     const int64_t N = S * S;
-    // A shared kernel's channel c sums planes (0, c), (1, c), ... in that order.
-    const int64_t batch_per_kernel = shared ? B : 1;
+    // A shared kernel's channel c sums planes (0, c), (1, c), ... in that order, in batch
+    // chunks when there are few channels (shared_batch_chunks).
+    const BatchChunks chunks = shared ? shared_batch_chunks(B, C) : BatchChunks{1, 1};
     const int64_t kernels = shared ? C : B * C;
-    at::parallel_for(0, kernels, grain_for(batch_per_kernel * N * S), [&](int64_t k0, int64_t k1) {
+    std::vector<acc_t> partial(chunks.count > 1 ? kernels * chunks.count * N : 0);
+    at::parallel_for(0, kernels * chunks.count, grain_for(chunks.size * N * S), [&](int64_t t0, int64_t t1) {
       SquarePlane<acc_t> w_hat(S), u_t(S), g(S), g_what(S), g_u(S), g_k(S);
-      for (int64_t kk = k0; kk < k1; ++kk) {
+      for (int64_t task = t0; task < t1; ++task) {
+        const int64_t kk = task / chunks.count, chunk = task % chunks.count;
+        const int64_t b0 = chunk * chunks.size;
+        const int64_t b1 = shared ? std::min(B, b0 + chunks.size) : 1;
         const scalar_t* __restrict__ k_plane = kp + kk * N;
         std::fill(g_k.data.begin(), g_k.data.end(), acc_t(0));
-        for (int64_t b = 0; b < batch_per_kernel; ++b) {
+        for (int64_t b = b0; b < b1; ++b) {
           const int64_t p = shared ? b * C + kk : kk;
           const scalar_t* __restrict__ z_plane = zp + p * N;
-          if (shared && b + 1 < B) {
+          if (shared && b + 1 < b1) {
             const int64_t next = (p + C) * N;
             for (const scalar_t* t : {zp, up, gyp}) prefetch(t + next, N);
             prefetch</*ForWrite=*/true>(gzp + next, N);
@@ -465,9 +504,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_matmul_backward(const at::
           }
           if (x.defined()) store_plane(g_u, gxp + p * N);
         }
-        store_plane(g_k, gkp + kk * N);
+        if (chunks.count == 1) {
+          store_plane(g_k, gkp + kk * N);
+        } else {
+          std::copy(g_k.row(0), g_k.row(0) + N, partial.data() + task * N);
+        }
       }
     });
+    if (chunks.count > 1) sum_chunks(partial.data(), kernels, chunks.count, N, gkp);
   });
   return {gk, gz, gx};
 }
@@ -808,8 +852,8 @@ at::Tensor conv_direct_forward(const at::Tensor& x, const at::Tensor& w) {
   return correlate_planes(x, w, /*flip=*/false);
 }
 
-// A shared kernel's gradient: one task per channel, summing planes (0, c), (1, c), ...
-// in that order.
+// A shared kernel's gradient: one task per channel (and batch chunk, shared_batch_chunks),
+// summing planes (0, c), (1, c), ... in that order.
 at::Tensor shared_kernel_weight_grad(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& w) {
   auto gw = at::empty_like(w);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -822,21 +866,29 @@ at::Tensor shared_kernel_weight_grad(const at::Tensor& gy, const at::Tensor& x, 
     const scalar_t* gyp = gy.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* gwp = gw.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, C, grain_for(B * H * W * K), [&](int64_t c0, int64_t c1) {
+    const BatchChunks chunks = shared_batch_chunks(B, C);
+    std::vector<acc_t> partial(chunks.count > 1 ? C * chunks.count * K : 0);
+    at::parallel_for(0, C * chunks.count, grain_for(chunks.size * H * W * K), [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> acc(K), sums(K);
       auto x_pad = padded_buffer<acc_t>(x_geo), g_pad = padded_buffer<acc_t>(g_geo);
-      for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t task = t0; task < t1; ++task) {
+        const int64_t c = task / chunks.count, b0 = task % chunks.count * chunks.size;
         std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t b = 0; b < B; ++b) {
+        for (int64_t b = b0; b < std::min(B, b0 + chunks.size); ++b) {
           const int64_t plane = b * C + c;
           copy_into_padded(xp + plane * H * W, H, W, x_geo, x_pad.data());
           copy_into_padded(gyp + plane * H * W, H, W, g_geo, g_pad.data());
           weight_grad_plane(g_pad.data(), g_geo.stride, x_pad, x_geo, Kh, Kw, H, W, sums.data());
           for (int64_t q = 0; q < K; ++q) acc[q] += sums[q];
         }
-        for (int64_t q = 0; q < K; ++q) gwp[c * K + q] = static_cast<scalar_t>(acc[q]);
+        if (chunks.count == 1) {
+          for (int64_t q = 0; q < K; ++q) gwp[c * K + q] = static_cast<scalar_t>(acc[q]);
+        } else {
+          std::copy(acc.begin(), acc.end(), partial.data() + task * K);
+        }
       }
     });
+    if (chunks.count > 1) sum_chunks(partial.data(), C, chunks.count, K, gwp);
   });
   return gw;
 }
