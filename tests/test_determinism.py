@@ -2,8 +2,9 @@
 across thread counts (docs/NUMERICS.md, "Determinism").
 
 The direct, elementwise and matmul kernels (planes up to 64×64) sum in a fixed order
-(each output, and each gradient of a shared kernel, is summed by one thread in index
-order), so their results do not depend on the thread count. The FFT path (pocketfft
+(each output, and each gradient of a shared kernel or each of its batch chunks, is
+summed by one thread in index order, the chunks added in order), so their results do not
+depend on the thread count. The FFT path (pocketfft
 through ATen) is measured by ``python tests/test_determinism.py --threads N``, which
 prints a SHA-256 per output and gradient; the test below compares the thread counts in
 subprocesses.
