@@ -32,8 +32,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     print(f"reason:  {info.reason}")
     print(f"library: {info.library or '-'}")
     if info.library:
-        flags = _build.SANITIZE_FLAGS if _build.sanitize_requested() else _build.cpp_flags()
-        print(f"flags:   {' '.join(flags)}")
+        print(f"flags:   {' '.join(_build.build_flags()['cflags'])}")
     print(f"cpu:     {'C++ kernels' if 'cpu' in info.devices else 'reference (pure PyTorch)'}")
     print(f"cuda:    {'CUDA kernels' if 'cuda' in info.devices else 'not built'} ({cuda_reason})")
     if info.name == "reference" and info.requested != "reference":

@@ -159,6 +159,14 @@ def cpp_flags() -> tuple[str, ...]:
     return ("-O3", "-fopenmp", f"-march={arch}")
 
 
+def build_flags() -> dict[str, tuple[str, ...]]:
+    """build_and_load's compile (and link) flags for this process: the sanitizer's with
+    TERMINATOR_SANITIZE=1 (always for this machine), else cpp_flags()."""
+    if sanitize_requested():
+        return dict(cflags=SANITIZE_FLAGS, ldflags=SANITIZE_LD_FLAGS)
+    return dict(cflags=cpp_flags())
+
+
 def sanitize_requested() -> bool:
     """TERMINATOR_SANITIZE=1: build the C++ ops with AddressSanitizer and UBSan."""
     raw = os.environ.get("TERMINATOR_SANITIZE", "").strip().lower()
@@ -487,7 +495,7 @@ def select_backend() -> BackendInfo:
     if requested == "cuda" and not want_cuda:
         raise BuildError(f"TERMINATOR_BACKEND=cuda but the CUDA backend is unavailable: {cuda_reason}")
     sanitize = sanitize_requested()
-    flags = dict(cflags=SANITIZE_FLAGS, ldflags=SANITIZE_LD_FLAGS) if sanitize else dict(cflags=cpp_flags())
+    flags = build_flags()
     verbose = os.environ.get("TERMINATOR_VERBOSE_BUILD", "") == "1"
     try:
         src = source_dir()
