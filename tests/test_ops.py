@@ -137,6 +137,19 @@ def test_global_matmul_vector_spans_and_the_fused_kernels_limit(side, form, dtyp
     check_against_reference(ours_global("matmul"), global_ref("matmul"), (k, z, None), "kz", dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("width", [3, 16, 17, 28, 33, 40])
+@pytest.mark.parametrize("height", [3, 4, 5, 6, 7, 9, 13])
+def test_direct_3x3_one_pass_backward_tile_edges(height, width, dtype):
+    """A per-sample 3×3 kernel's backward takes both gradients in one pass over tiles of
+    4 rows × 2 vectors (2 × 1 with 16 registers), the rows left over one at a time, the
+    last vector of a row partly past W (csrc/cpu/kernels.cpp, backward_plane_fused):
+    heights leave 0 to 3 rows, widths one vector or several, full or not, at every
+    vector width CI builds for."""
+    x, w = conv_inputs(2, 3, (height, width), (3, 3), "BC", dtype, seed=4)
+    check_against_reference(ours_conv("direct"), reference.conv_same, (x, w), "xw", dtype)
+
+
 @pytest.mark.parametrize("dtype", EXACT_DTYPES + HALF_DTYPES)
 @pytest.mark.parametrize("batch,channels,spatial", REAL_SIZES)
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 9])
@@ -269,7 +282,7 @@ def test_global_gradcheck(mode, spatial, form, has_x):
 
 
 @pytest.mark.parametrize("algo", ["direct", "fft"])
-@pytest.mark.parametrize("spatial,kernel", [((7,), (4,)), ((5, 6), (3, 2)), ((4, 4), (4, 4))])
+@pytest.mark.parametrize("spatial,kernel", [((7,), (4,)), ((5, 6), (3, 2)), ((5, 6), (3, 3)), ((4, 4), (4, 4))])
 @pytest.mark.parametrize("form", KERNEL_FORMS)
 def test_conv_gradcheck(algo, spatial, kernel, form):
     for seed in range(2):
