@@ -103,8 +103,9 @@ def test_shared_kernel_gradients_with_few_channels(batch, channels, dtype):
     20 + 20; 32 channels take one chunk."""
     k, z, x = global_inputs(batch, channels, (12, 12), "1C", True, dtype, seed=3)
     check_against_reference(ours_global("matmul"), global_ref("matmul"), (k, z, x), "kzx", dtype)
-    x, w = conv_inputs(batch, channels, (12, 13), (5, 3), "C", dtype, seed=3)
-    check_against_reference(ours_conv("direct"), reference.conv_same, (x, w), "xw", dtype)
+    for kernel in [(5, 3), (3, 3)]:  # 3×3: both gradients in one pass
+        x, w = conv_inputs(batch, channels, (12, 13), kernel, "C", dtype, seed=3)
+        check_against_reference(ours_conv("direct"), reference.conv_same, (x, w), "xw", dtype)
 
 
 @pytest.mark.parametrize("dtype", EXACT_DTYPES + HALF_DTYPES)
@@ -137,16 +138,17 @@ def test_global_matmul_vector_spans_and_the_fused_kernels_limit(side, form, dtyp
     check_against_reference(ours_global("matmul"), global_ref("matmul"), (k, z, None), "kz", dtype)
 
 
+@pytest.mark.parametrize("form", ["BC", "C"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("width", [3, 16, 17, 28, 33, 40])
 @pytest.mark.parametrize("height", [3, 4, 5, 6, 7, 9, 13])
-def test_direct_3x3_one_pass_backward_tile_edges(height, width, dtype):
-    """A per-sample 3×3 kernel's backward takes both gradients in one pass over tiles of
-    4 rows × 2 vectors (2 × 1 with 16 registers), the rows left over one at a time, the
-    last vector of a row partly past W (csrc/cpu/kernels.cpp, backward_plane_fused):
-    heights leave 0 to 3 rows, widths one vector or several, full or not, at every
-    vector width CI builds for."""
-    x, w = conv_inputs(2, 3, (height, width), (3, 3), "BC", dtype, seed=4)
+def test_direct_3x3_one_pass_backward_tile_edges(height, width, dtype, form):
+    """A 3×3 kernel's backward, per-sample or shared, takes both gradients in one pass over
+    tiles of 4 rows × 2 vectors (2 × 1 with 16 registers), the rows left over one at a
+    time, the last vector of a row partly past W (csrc/cpu/kernels.cpp,
+    backward_plane_fused): heights leave 0 to 3 rows, widths one vector or several, full
+    or not, at every vector width CI builds for."""
+    x, w = conv_inputs(2, 3, (height, width), (3, 3), form, dtype, seed=4)
     check_against_reference(ours_conv("direct"), reference.conv_same, (x, w), "xw", dtype)
 
 
