@@ -51,6 +51,8 @@ CASES = {
     # Fewer than 32 channels: a shared kernel's gradient sums the batch in chunks.
     "global matmul, shared k, 2 channels": ("global", {"mode": "matmul"}, [(2, 24, 24), (42, 2, 24, 24), None]),
     "conv direct 5x5, shared w, 1 channel": ("conv", {"algo": "direct"}, [(42, 1, 20, 20), (1, 5, 5)]),
+    # 3×3 takes both gradients in one pass per channel, in the same batch chunks.
+    "conv direct 3x3, shared w, 2 channels": ("conv", {"algo": "direct"}, [(42, 2, 20, 20), (2, 3, 3)]),
 }
 # Designed to be thread-count independent (fixed summation order in our own kernels).
 THREAD_INDEPENDENT = [name for name in CASES if "fft" not in name and "auto" not in name

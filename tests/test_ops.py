@@ -139,7 +139,7 @@ def test_global_matmul_vector_spans_and_the_fused_kernels_limit(side, form, dtyp
 
 
 @pytest.mark.parametrize("form", ["BC", "C"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", EXACT_DTYPES + HALF_DTYPES)
 @pytest.mark.parametrize("width", [3, 16, 17, 28, 33, 40])
 @pytest.mark.parametrize("height", [3, 4, 5, 6, 7, 9, 13])
 def test_direct_3x3_one_pass_backward_tile_edges(height, width, dtype, form):

@@ -359,12 +359,17 @@ void gemm_plane(const acc_t* a, int64_t a_row, int64_t a_col, const SquarePlane<
 }
 
 // Asks for n values at p to be brought into cache (ForWrite: owned, ready to be
-// written), a plane ahead of the matmul kernels: their stores come in a burst after a
-// plane's products, each missing the cache on its own, and a shared kernel's gradient
-// visits planes (0, c), (1, c), ..., which lie C planes apart, a pattern the hardware
-// prefetcher does not follow. Matmul backward at B=64, C=36, 28×28: inputs 2.57 -> 2.41
+// written), a plane ahead, by the matmul kernels and a shared 3×3 kernel's backward:
+// matmul's stores come in a burst after a plane's products, each missing the cache on its
+// own, and a shared kernel's gradient visits planes (0, c), (1, c), ..., which lie C
+// planes apart, a pattern the hardware prefetcher does not follow. Matmul backward at B=64, C=36, 28×28: inputs 2.57 -> 2.41
 // ms (means of six alternating processes); the output planes too, 2.14 -> 2.02 ms (ten
 // alternating processes, each pair in both orders).
+// Planes up to 64×64 (all the matmul kernel takes) are prefetched whole. A larger plane's
+// rows are streams long enough for the hardware prefetcher, and three whole planes ahead
+// could push the current ones out of L2.
+constexpr int64_t kPrefetchMaxValues = 64 * 64;
+
 template <bool ForWrite = false, typename T>
 void prefetch(const T* p, int64_t n) {
   constexpr int64_t kLine = 64 / sizeof(T);
@@ -645,8 +650,9 @@ void correlate_tile(const acc_t* __restrict__ p, int64_t stride, const acc_t* __
     // Unrolled, so the accumulators stay in registers (GCC had kept them on the stack) and,
     // for a fixed kernel size, every test on r is decided at compile time. A/B at B=64,
     // C=36, 28×28, warm: 3×3 forward 0.25 -> 0.20 ms, backward 0.57 -> 0.51; 7×7 backward
-    // 1.47 -> 1.36; an AVX2 build, 3×3 forward 0.43 -> 0.32. Outputs bitwise the same
-    // (the AVX2 build's now equal the AVX-512 build's). Not for 1D rows (R = 1): slower on AVX2.
+    // 1.47 -> 1.36; an AVX2 build, 3×3 forward 0.43 -> 0.32. Outputs bitwise the same (a
+    // -march=znver3 build's now equal the AVX-512 build's; GCC's tuning for it had split
+    // some FMAs of the rolled loop). Not for 1D rows (R = 1): slower on AVX2.
 #pragma GCC unroll 16
     for (int64_t s = 0; s < R + Kh - 1; ++s) {
 #pragma GCC unroll 16
@@ -899,7 +905,7 @@ at::Tensor conv_direct_forward(const at::Tensor& x, const at::Tensor& w) {
 // for every use.
 template <typename acc_t>  // (not deduced: a deduced type would drop Vec's reduced alignment)
 inline void in_register(typename Vec<acc_t>::type& v) {
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(__SSE2__)
   asm("" : "+v"(v));
 #elif defined(__aarch64__)
   asm("" : "+w"(v));
@@ -1000,8 +1006,8 @@ __attribute__((noinline)) void backward_plane_fused(const acc_t* p, int64_t stri
 // Where the backward keeps one plane: grad_y padded for the flipped kernel (its rows,
 // read from (top, left), are zero from W on, as the weight gradient needs), x padded
 // for the weight gradient, and for 3×3 (both gradients in one pass, backward_plane_fused)
-// x in rows zero from W on. Kernels with more taps need more registers for their sums
-// than a target has.
+// x in rows zero from W on. Kernels with more taps leave too few registers, next to
+// their sums, for tiles that pay for their loads (5×5: 25 sums).
 struct BackwardGeometry {
   int64_t H, W, Kh, Kw;
   PaddedPlane g, x, x_rows;
@@ -1086,7 +1092,7 @@ std::tuple<at::Tensor, at::Tensor> shared_kernel_backward(const at::Tensor& gy, 
         std::fill(acc.begin(), acc.end(), acc_t(0));
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t plane = b * C + c;
-          if (gxp != nullptr && b + 1 < b1) {
+          if (gxp != nullptr && b + 1 < b1 && N <= kPrefetchMaxValues) {
             prefetch(gyp + (plane + C) * N, N);
             prefetch(xp + (plane + C) * N, N);
             prefetch</*ForWrite=*/true>(gxp + (plane + C) * N, N);
