@@ -152,6 +152,21 @@ def test_direct_3x3_one_pass_backward_tile_edges(height, width, dtype, form):
     check_against_reference(ours_conv("direct"), reference.conv_same, (x, w), "xw", dtype)
 
 
+@pytest.mark.parametrize("form", ["BC", "C"])
+@pytest.mark.parametrize("dtype", EXACT_DTYPES + HALF_DTYPES)
+@pytest.mark.parametrize("size", [3, 5, 7, 9])
+@pytest.mark.parametrize("length", [3, 9, 16, 17, 40, 64, 65, 100, 130])
+def test_direct_1d_one_pass_backward_tile_edges(length, size, dtype, form):
+    """1D kernels of 3 to 9 taps take both gradients in one pass too, in tiles of one row
+    × 4 vectors (2 with 16 registers), the rest one vector at a time, the last one partly
+    past the end: lengths of one vector or several, whole tiles or not, at every vector
+    width CI builds for."""
+    if size > length:
+        pytest.skip("kernel longer than the input")
+    x, w = conv_inputs(2, 3, (length,), (size,), form, dtype, seed=5)
+    check_against_reference(ours_conv("direct"), reference.conv_same, (x, w), "xw", dtype)
+
+
 @pytest.mark.parametrize("dtype", EXACT_DTYPES + HALF_DTYPES)
 @pytest.mark.parametrize("batch,channels,spatial", REAL_SIZES)
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 9])

@@ -919,7 +919,8 @@ inline void in_register(typename Vec<acc_t>::type& v) {
 // gw[qi·KW + qj] += x[i + r, j + ...] · p[i + r + qi, j + qj + ...], x's lanes from W on
 // zero. The separate weight-gradient pass (weight_grad_plane) loaded p again, unaligned,
 // for every tap: it took half the 3×3 backward's time. A/B at B=64, C=36, 28×28, warm:
-// 3×3 backward 0.50 -> 0.36 ms; an AVX2 build 0.71 -> 0.50.
+// 3×3 backward 0.50 -> 0.36 ms; an AVX2 build 0.71 -> 0.50. 1D, L = 784, 7 taps: 0.49 ->
+// 0.41 ms; an AVX2 build 0.63 -> 0.54 (9 taps 0.72 -> 0.55).
 template <int R, int NV, int KH, int KW, typename scalar_t, typename acc_t>
 void correlate_tile_with_weight_grad(const acc_t* __restrict__ p, int64_t stride,
                                      const acc_t* __restrict__ w, const acc_t* __restrict__ x,
@@ -963,6 +964,10 @@ void correlate_tile_with_weight_grad(const acc_t* __restrict__ p, int64_t stride
 // 4 × 2 (27; A/B against 2 × 2, 3×3 backward 0.39 -> 0.36 ms).
 constexpr int kFusedRows = kVectorRegisters >= 32 ? 4 : 2;
 constexpr int kFusedVectors = kVectorRegisters >= 32 ? 2 : 1;
+// Kernels of one row (1D): 1 × NV tiles, 3·NV + KW registers (21 for 9 taps with NV = 4,
+// 15 with NV = 2). With 1 × 2 tiles the 1D one-pass backward was no faster: too few
+// independent sums per tile.
+constexpr int kFusedRowVectors = kVectorRegisters >= 32 ? 4 : 2;
 
 // One plane of the per-sample backward (correlate_tile_with_weight_grad): the input
 // gradient into out, the weight gradient into sums[KH·KW] (the gradient of w, not of
@@ -975,7 +980,9 @@ __attribute__((noinline)) void backward_plane_fused(const acc_t* p, int64_t stri
                                                     scalar_t* out, acc_t* sums) {
   using V = typename Vec<acc_t>::type;
   constexpr int64_t L = kLanes<acc_t>;
-  constexpr int NV = kFusedVectors;
+  // A kernel of one row shares no loads between rows: tiles of one row, wider.
+  constexpr int NV = KH == 1 ? kFusedRowVectors : kFusedVectors;
+  constexpr int kRows = KH == 1 ? 1 : kFusedRows;
   const int64_t vectors = (W + L - 1) / L;
   V gw[KH * KW] = {};
   auto row_tiles = [&](int64_t i, auto rows) {
@@ -991,9 +998,7 @@ __attribute__((noinline)) void backward_plane_fused(const acc_t* p, int64_t stri
     }
   };
   int64_t i = 0;
-  for (; i + kFusedRows <= H; i += kFusedRows) {
-    row_tiles(i, std::integral_constant<int, kFusedRows>{});
-  }
+  for (; i + kRows <= H; i += kRows) row_tiles(i, std::integral_constant<int, kRows>{});
   for (; i < H; ++i) row_tiles(i, std::integral_constant<int, 1>{});
   // x shifted against p by (qi, qj) is tap (KH - 1 - qi, KW - 1 - qj) of w's gradient.
   for (int q = 0; q < KH * KW; ++q) {
@@ -1003,11 +1008,16 @@ __attribute__((noinline)) void backward_plane_fused(const acc_t* p, int64_t stri
   }
 }
 
+// The kernel sizes whose two gradients are taken in one pass (backward_plane_fused): 3×3,
+// and one row (1D) of 3 to 9 taps. Kernels with more taps leave too few registers, next
+// to their sums, for tiles that pay for their loads (5×5: 25 sums).
+bool one_pass_backward(int64_t Kh, int64_t Kw) {
+  return (Kh == 3 && Kw == 3) || (Kh == 1 && (Kw == 3 || Kw == 5 || Kw == 7 || Kw == 9));
+}
+
 // Where the backward keeps one plane: grad_y padded for the flipped kernel (its rows,
 // read from (top, left), are zero from W on, as the weight gradient needs), x padded
-// for the weight gradient, and for 3×3 (both gradients in one pass, backward_plane_fused)
-// x in rows zero from W on. Kernels with more taps leave too few registers, next to
-// their sums, for tiles that pay for their loads (5×5: 25 sums).
+// for the weight gradient, and for one_pass_backward sizes x in rows zero from W on.
 struct BackwardGeometry {
   int64_t H, W, Kh, Kw;
   PaddedPlane g, x, x_rows;
@@ -1021,7 +1031,7 @@ BackwardGeometry backward_geometry(const at::Tensor& x, const at::Tensor& w) {
           padded_for(H, W, Kh, Kw, Kh - 1 - ph, Kw - 1 - pw),
           padded_for(H, W, Kh, Kw, ph, pw),
           PaddedPlane{H, round_up(W, kBlock), 0, 0},
-          Kh == 3 && Kw == 3};
+          one_pass_backward(Kh, Kw)};
 }
 
 // One thread's buffers for backward_plane.
@@ -1044,8 +1054,23 @@ void backward_plane(const scalar_t* gy, const scalar_t* x, const acc_t* kernel, 
   bool have_weight_grad = false;
   if (gx != nullptr && geo.fused && finite) {
     copy_into_padded(x, H, W, geo.x_rows, buf.x_rows.data());
-    backward_plane_fused<3, 3>(buf.g_pad.data(), geo.g.stride, kernel, buf.x_rows.data(),
-                               geo.x_rows.stride, H, W, gx, sums);
+    auto run = [&](auto kh, auto kw) {
+      backward_plane_fused<decltype(kh)::value, decltype(kw)::value>(
+          buf.g_pad.data(), geo.g.stride, kernel, buf.x_rows.data(), geo.x_rows.stride, H, W,
+          gx, sums);
+    };
+    using std::integral_constant;
+    if (Kh == 3) {
+      run(integral_constant<int, 3>{}, integral_constant<int, 3>{});
+    } else if (Kw == 3) {
+      run(integral_constant<int, 1>{}, integral_constant<int, 3>{});
+    } else if (Kw == 5) {
+      run(integral_constant<int, 1>{}, integral_constant<int, 5>{});
+    } else if (Kw == 7) {
+      run(integral_constant<int, 1>{}, integral_constant<int, 7>{});
+    } else {
+      run(integral_constant<int, 1>{}, integral_constant<int, 9>{});
+    }
     // Every inf or NaN in x or grad_y makes some of these sums non-finite; the padding
     // then needs the reading of weight_grad_plane (NUMERICS.md).
     have_weight_grad = all_finite(sums, Kh * Kw);
@@ -1061,7 +1086,7 @@ void backward_plane(const scalar_t* gy, const scalar_t* x, const acc_t* kernel, 
 
 // A shared kernel's gradients. The weight gradient: one task per channel (and batch
 // chunk, shared_batch_chunks), summing planes (0, c), (1, c), ... in that order. The
-// input gradient: for 3×3 in the same pass (backward_plane), the next plane prefetched
+// input gradient: for one_pass_backward sizes in the same pass, the next plane prefetched
 // (C planes on, a stride the hardware prefetcher does not follow; cold, A/B: 0.87 -> 0.69
 // ms); otherwise split over every plane in memory order (correlate_planes). B=64, C=36,
 // 28×28, 3×3, A/B against a pass for each gradient: backward 0.73 -> 0.48 ms warm, 1.12
@@ -1114,7 +1139,8 @@ std::tuple<at::Tensor, at::Tensor> shared_kernel_backward(const at::Tensor& gy, 
 }
 
 // Both gradients. Per-sample kernels: one task per plane does both from a single padded
-// copy of grad_y (read from memory once, not twice); for 3×3 in one pass over it.
+// copy of grad_y (read from memory once, not twice); for one_pass_backward sizes in one
+// pass over it.
 std::tuple<at::Tensor, at::Tensor> conv_direct_backward(const at::Tensor& gy, const at::Tensor& x,
                                                         const at::Tensor& w) {
   if (w.size(0) == 1) return shared_kernel_backward(gy, x, w);
