@@ -362,9 +362,9 @@ void gemm_plane(const acc_t* a, int64_t a_row, int64_t a_col, const SquarePlane<
 // written), a plane ahead, by the matmul kernels and a shared 3×3 kernel's backward:
 // matmul's stores come in a burst after a plane's products, each missing the cache on its
 // own, and a shared kernel's gradient visits planes (0, c), (1, c), ..., which lie C
-// planes apart, a pattern the hardware prefetcher does not follow. Matmul backward at B=64, C=36, 28×28: inputs 2.57 -> 2.41
-// ms (means of six alternating processes); the output planes too, 2.14 -> 2.02 ms (ten
-// alternating processes, each pair in both orders).
+// planes apart, a pattern the hardware prefetcher does not follow. Matmul backward at
+// B=64, C=36, 28×28: inputs 2.57 -> 2.41 ms (means of six alternating processes); the
+// output planes too, 2.14 -> 2.02 ms (ten alternating processes, each pair in both orders).
 // Planes up to 64×64 (all the matmul kernel takes) are prefetched whole. A larger plane's
 // rows are streams long enough for the hardware prefetcher, and three whole planes ahead
 // could push the current ones out of L2.
@@ -1008,11 +1008,32 @@ __attribute__((noinline)) void backward_plane_fused(const acc_t* p, int64_t stri
   }
 }
 
+template <int KH, int KW, typename Fn>
+bool call_with_size(const Fn& fn) {
+  fn(std::integral_constant<int, KH>{}, std::integral_constant<int, KW>{});
+  return true;
+}
+
 // The kernel sizes whose two gradients are taken in one pass (backward_plane_fused): 3×3,
 // and one row (1D) of 3 to 9 taps. Kernels with more taps leave too few registers, next
-// to their sums, for tiles that pay for their loads (5×5: 25 sums).
+// to their sums, for tiles that pay for their loads (5×5: 25 sums). Calls
+// fn(integral_constant KH, integral_constant KW) for such a size and returns true;
+// returns false for any other. The one list of these sizes.
+template <typename Fn>
+bool with_one_pass_size(int64_t Kh, int64_t Kw, const Fn& fn) {
+  if (Kh == 3 && Kw == 3) return call_with_size<3, 3>(fn);
+  if (Kh != 1) return false;
+  switch (Kw) {
+    case 3: return call_with_size<1, 3>(fn);
+    case 5: return call_with_size<1, 5>(fn);
+    case 7: return call_with_size<1, 7>(fn);
+    case 9: return call_with_size<1, 9>(fn);
+    default: return false;
+  }
+}
+
 bool one_pass_backward(int64_t Kh, int64_t Kw) {
-  return (Kh == 3 && Kw == 3) || (Kh == 1 && (Kw == 3 || Kw == 5 || Kw == 7 || Kw == 9));
+  return with_one_pass_size(Kh, Kw, [](auto, auto) {});
 }
 
 // Where the backward keeps one plane: grad_y padded for the flipped kernel (its rows,
@@ -1054,23 +1075,11 @@ void backward_plane(const scalar_t* gy, const scalar_t* x, const acc_t* kernel, 
   bool have_weight_grad = false;
   if (gx != nullptr && geo.fused && finite) {
     copy_into_padded(x, H, W, geo.x_rows, buf.x_rows.data());
-    auto run = [&](auto kh, auto kw) {
+    with_one_pass_size(Kh, Kw, [&](auto kh, auto kw) {
       backward_plane_fused<decltype(kh)::value, decltype(kw)::value>(
           buf.g_pad.data(), geo.g.stride, kernel, buf.x_rows.data(), geo.x_rows.stride, H, W,
           gx, sums);
-    };
-    using std::integral_constant;
-    if (Kh == 3) {
-      run(integral_constant<int, 3>{}, integral_constant<int, 3>{});
-    } else if (Kw == 3) {
-      run(integral_constant<int, 1>{}, integral_constant<int, 3>{});
-    } else if (Kw == 5) {
-      run(integral_constant<int, 1>{}, integral_constant<int, 5>{});
-    } else if (Kw == 7) {
-      run(integral_constant<int, 1>{}, integral_constant<int, 7>{});
-    } else {
-      run(integral_constant<int, 1>{}, integral_constant<int, 9>{});
-    }
+    });
     // Every inf or NaN in x or grad_y makes some of these sums non-finite; the padding
     // then needs the reading of weight_grad_plane (NUMERICS.md).
     have_weight_grad = all_finite(sums, Kh * Kw);
