@@ -613,6 +613,18 @@ inline void store_tile(const typename Vec<acc_t>::type (&acc)[R][NV], int64_t i,
   }
 }
 
+// Makes the compiler hold v in a register from here on. A vector loaded once and used by
+// several multiply-adds is otherwise folded into each as a memory operand: loaded again
+// for every use.
+template <typename acc_t>  // (not deduced: a deduced type would drop Vec's reduced alignment)
+inline void in_register(typename Vec<acc_t>::type& v) {
+#if defined(__SSE2__)
+  asm("" : "+v"(v));
+#elif defined(__aarch64__)
+  asm("" : "+w"(v));
+#endif
+}
+
 // Rows [i, i + R) and columns [j, j + NV·L) of out[i, j] = Σ_{qi, qj} w[qi, qj] ·
 // p[i + qi, j + qj] for a padded plane p: R·NV vector sums side by side (independent
 // chains hide the FMA latency). Each vector of p is loaded once for every output row it
@@ -623,26 +635,55 @@ inline void store_tile(const typename Vec<acc_t>::type (&acc)[R][NV], int64_t i,
 // 9×9 1.43 -> 0.99, 2.56 -> 2.13; 3×3 0.27 -> 0.25, 0.58 -> 0.55. (An AVX2 build here:
 // 7×7 forward 1.30 -> 1.15 ms, 3×3 0.35 -> 0.40.) Columns from W on are computed from the
 // padding and not stored. KH, KW > 0 fix the kernel's size at compile time (else Kh, Kw).
-template <int R, int NV, typename scalar_t, typename acc_t, int KH = 0, int KW = 0>
+//
+// WithWeightGrad (a fixed size; the per-sample backward in one pass over grad_y, p being
+// grad_y padded and w the flipped kernel): from the same loads of p, also the weight
+// gradient's partial sums gw[qi·KW + qj] += x[i + r, j + ...] · p[i + r + qi, j + qj + ...]
+// (x's rows x_stride apart, zero from W on). The separate weight-gradient pass
+// (weight_grad_plane) loaded p again, unaligned, for every tap: it took half the 3×3
+// backward's time. A/B at B=64, C=36, 28×28, warm: 3×3 backward 0.50 -> 0.36 ms; an AVX2
+// build 0.71 -> 0.50. 1D, L = 784, 7 taps: 0.49 -> 0.41 ms; an AVX2 build 0.63 -> 0.54
+// (9 taps 0.72 -> 0.55).
+template <int R, int NV, typename scalar_t, typename acc_t, int KH = 0, int KW = 0,
+          bool WithWeightGrad = false>
 void correlate_tile(const acc_t* __restrict__ p, int64_t stride, const acc_t* __restrict__ w,
                     int64_t Kh_, int64_t Kw_, int64_t i, int64_t j, int64_t W,
-                    scalar_t* __restrict__ out) {
+                    scalar_t* __restrict__ out, const acc_t* __restrict__ x = nullptr,
+                    int64_t x_stride = 0, typename Vec<acc_t>::type* __restrict__ gw = nullptr) {
+  static_assert(!WithWeightGrad || (KH > 0 && KW > 0), "the one-pass backward has a fixed size");
   const int64_t Kh = KH > 0 ? KH : Kh_, Kw = KW > 0 ? KW : Kw_;
   using V = typename Vec<acc_t>::type;
   constexpr int64_t L = kLanes<acc_t>;
   V acc[R][NV] = {};
+  V xv[R][NV];  // x's vectors under the tile (WithWeightGrad only)
+  if constexpr (WithWeightGrad) {
+    for (int r = 0; r < R; ++r) {
+      for (int v = 0; v < NV; ++v) {
+        xv[r][v] = *reinterpret_cast<const V*>(x + (i + r) * x_stride + j + v * L);
+      }
+    }
+  }
   // Row s of p, shifted by qj, for every output row r it serves (tap (s - r, qj)).
-  auto tap = [&](int64_t s, int64_t qj) {
+  // always_inline: inlined later, with the weight sums, the 3×3 backward spilled 28 more
+  // vectors to the stack than the same loop written out.
+  auto tap = [&](int64_t s, int64_t qj) __attribute__((always_inline)) {
     const acc_t* row = p + (i + s) * stride + j + qj;
     V pv[NV];
-    for (int v = 0; v < NV; ++v) pv[v] = *reinterpret_cast<const V*>(row + v * L);
+    for (int v = 0; v < NV; ++v) {
+      pv[v] = *reinterpret_cast<const V*>(row + v * L);
+      // Used by 2·R FMAs here: as a memory operand of each, it was slower than two passes.
+      if constexpr (WithWeightGrad) in_register<acc_t>(pv[v]);
+    }
     for (int r = 0; r < R; ++r) {
       if (s - r < 0 || s - r >= Kh) continue;
       const acc_t wv = w[(s - r) * Kw + qj];
-      for (int v = 0; v < NV; ++v) acc[r][v] += wv * pv[v];
+      for (int v = 0; v < NV; ++v) {
+        acc[r][v] += wv * pv[v];
+        if constexpr (WithWeightGrad) gw[(s - r) * Kw + qj] += xv[r][v] * pv[v];
+      }
     }
   };
-  if constexpr (R == 1) {
+  if constexpr (R == 1 && !WithWeightGrad) {
     for (int64_t s = 0; s < Kh; ++s) {
       for (int64_t qj = 0; qj < Kw; ++qj) tap(s, qj);
     }
@@ -652,7 +693,7 @@ void correlate_tile(const acc_t* __restrict__ p, int64_t stride, const acc_t* __
     // C=36, 28×28, warm: 3×3 forward 0.25 -> 0.20 ms, backward 0.57 -> 0.51; 7×7 backward
     // 1.47 -> 1.36; an AVX2 build, 3×3 forward 0.43 -> 0.32. Outputs bitwise the same (a
     // -march=znver3 build's now equal the AVX-512 build's; GCC's tuning for it had split
-    // some FMAs of the rolled loop). Not for 1D rows (R = 1): slower on AVX2.
+    // some FMAs of the rolled loop). Not for the forward's 1D rows (R = 1): slower on AVX2.
 #pragma GCC unroll 16
     for (int64_t s = 0; s < R + Kh - 1; ++s) {
 #pragma GCC unroll 16
@@ -682,8 +723,7 @@ void correlate_padded(const acc_t* p, int64_t stride, const acc_t* w, int64_t Kh
   }
   for (; i < H; ++i) {
     for (int64_t v = 0; v < vectors; v += 8) {
-      void (*tile)(const acc_t*, int64_t, const acc_t*, int64_t, int64_t, int64_t, int64_t,
-                   int64_t, scalar_t*) = nullptr;
+      decltype(&correlate_tile<1, 1, scalar_t, acc_t>) tile = nullptr;
       switch (std::min<int64_t>(8, vectors - v)) {
 #define TERMINATOR_ROW_CASE(N) \
   case N:                      \
@@ -694,7 +734,7 @@ void correlate_padded(const acc_t* p, int64_t stride, const acc_t* w, int64_t Kh
         TERMINATOR_ROW_CASE(7) TERMINATOR_ROW_CASE(8)
 #undef TERMINATOR_ROW_CASE
       }
-      tile(p, stride, w, Kh, Kw, i, v * L, W, out);
+      tile(p, stride, w, Kh, Kw, i, v * L, W, out, nullptr, 0, nullptr);
     }
   }
 }
@@ -900,65 +940,6 @@ at::Tensor conv_direct_forward(const at::Tensor& x, const at::Tensor& w) {
   return correlate_planes(x, w, /*flip=*/false);
 }
 
-// Makes the compiler hold v in a register from here on. A vector loaded once and used by
-// several multiply-adds is otherwise folded into each as a memory operand: loaded again
-// for every use.
-template <typename acc_t>  // (not deduced: a deduced type would drop Vec's reduced alignment)
-inline void in_register(typename Vec<acc_t>::type& v) {
-#if defined(__SSE2__)
-  asm("" : "+v"(v));
-#elif defined(__aarch64__)
-  asm("" : "+w"(v));
-#endif
-}
-
-// The per-sample backward of a small kernel of fixed size in one pass over grad_y.
-// Rows [i, i + R), vectors [j, j + NV·L) of the input gradient out[i, j] = Σ w[qi, qj] ·
-// p[i + qi, j + qj] (w flipped, p grad_y padded; as correlate_tile, the same sums in the
-// same order) and, from the same loads of p, the weight gradient's partial sums
-// gw[qi·KW + qj] += x[i + r, j + ...] · p[i + r + qi, j + qj + ...], x's lanes from W on
-// zero. The separate weight-gradient pass (weight_grad_plane) loaded p again, unaligned,
-// for every tap: it took half the 3×3 backward's time. A/B at B=64, C=36, 28×28, warm:
-// 3×3 backward 0.50 -> 0.36 ms; an AVX2 build 0.71 -> 0.50. 1D, L = 784, 7 taps: 0.49 ->
-// 0.41 ms; an AVX2 build 0.63 -> 0.54 (9 taps 0.72 -> 0.55).
-template <int R, int NV, int KH, int KW, typename scalar_t, typename acc_t>
-void correlate_tile_with_weight_grad(const acc_t* __restrict__ p, int64_t stride,
-                                     const acc_t* __restrict__ w, const acc_t* __restrict__ x,
-                                     int64_t x_stride, int64_t i, int64_t j, int64_t W,
-                                     scalar_t* __restrict__ out,
-                                     typename Vec<acc_t>::type (&gw)[KH * KW]) {
-  using V = typename Vec<acc_t>::type;
-  constexpr int64_t L = kLanes<acc_t>;
-  V acc[R][NV] = {};
-  V xv[R][NV];
-  for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < NV; ++v) {
-      xv[r][v] = *reinterpret_cast<const V*>(x + (i + r) * x_stride + j + v * L);
-    }
-  }
-#pragma GCC unroll 16
-  for (int s = 0; s < R + KH - 1; ++s) {  // rows of p; row s serves output rows s - qi
-#pragma GCC unroll 16
-    for (int qj = 0; qj < KW; ++qj) {
-      V pv[NV];
-      for (int v = 0; v < NV; ++v) {
-        pv[v] = *reinterpret_cast<const V*>(p + (i + s) * stride + j + qj + v * L);
-        in_register<acc_t>(pv[v]);
-      }
-      for (int r = 0; r < R; ++r) {
-        const int qi = s - r;
-        if (qi < 0 || qi >= KH) continue;
-        const acc_t wv = w[qi * KW + qj];
-        for (int v = 0; v < NV; ++v) {
-          acc[r][v] += wv * pv[v];
-          gw[qi * KW + qj] += xv[r][v] * pv[v];
-        }
-      }
-    }
-  }
-  store_tile<R, NV, acc_t>(acc, i, j, W, out);
-}
-
 // Tiles of R rows × NV vectors: R·NV sums of the input gradient, R·NV vectors of x, KH·KW
 // weight sums and NV vectors of p, within 16 registers for 3×3 with 2 × 1 (14), 32 with
 // 4 × 2 (27; A/B against 2 × 2, 3×3 backward 0.39 -> 0.36 ms).
@@ -969,7 +950,7 @@ constexpr int kFusedVectors = kVectorRegisters >= 32 ? 2 : 1;
 // independent sums per tile.
 constexpr int kFusedRowVectors = kVectorRegisters >= 32 ? 4 : 2;
 
-// One plane of the per-sample backward (correlate_tile_with_weight_grad): the input
+// One plane of the per-sample backward (correlate_tile WithWeightGrad): the input
 // gradient into out, the weight gradient into sums[KH·KW] (the gradient of w, not of
 // the flipped kernel). p: grad_y padded for the flipped kernel; x: rows x_stride apart,
 // zero from W on. Not inlined: inside the caller's loop GCC spilled the sums.
@@ -989,12 +970,12 @@ __attribute__((noinline)) void backward_plane_fused(const acc_t* p, int64_t stri
     constexpr int R = decltype(rows)::value;
     int64_t v = 0;
     for (; v + NV <= vectors; v += NV) {
-      correlate_tile_with_weight_grad<R, NV, KH, KW>(p, stride, w, x, x_stride, i, v * L, W,
-                                                     out, gw);
+      correlate_tile<R, NV, scalar_t, acc_t, KH, KW, /*WithWeightGrad=*/true>(
+          p, stride, w, KH, KW, i, v * L, W, out, x, x_stride, gw);
     }
     for (; v < vectors; ++v) {
-      correlate_tile_with_weight_grad<R, 1, KH, KW>(p, stride, w, x, x_stride, i, v * L, W,
-                                                    out, gw);
+      correlate_tile<R, 1, scalar_t, acc_t, KH, KW, /*WithWeightGrad=*/true>(
+          p, stride, w, KH, KW, i, v * L, W, out, x, x_stride, gw);
     }
   };
   int64_t i = 0;
