@@ -671,7 +671,7 @@ void correlate_tile(const acc_t* __restrict__ p, int64_t stride, const acc_t* __
     V pv[NV];
     for (int v = 0; v < NV; ++v) {
       pv[v] = *reinterpret_cast<const V*>(row + v * L);
-      // Used by 2·R FMAs here: as a memory operand of each, it was slower than two passes.
+      // Feeds up to 2·min(R, KH) FMAs here; GCC would fold it into each as a memory operand.
       if constexpr (WithWeightGrad) in_register<acc_t>(pv[v]);
     }
     for (int r = 0; r < R; ++r) {
@@ -693,7 +693,8 @@ void correlate_tile(const acc_t* __restrict__ p, int64_t stride, const acc_t* __
     // C=36, 28×28, warm: 3×3 forward 0.25 -> 0.20 ms, backward 0.57 -> 0.51; 7×7 backward
     // 1.47 -> 1.36; an AVX2 build, 3×3 forward 0.43 -> 0.32. Outputs bitwise the same (a
     // -march=znver3 build's now equal the AVX-512 build's; GCC's tuning for it had split
-    // some FMAs of the rolled loop). Not for the forward's 1D rows (R = 1): slower on AVX2.
+    // some FMAs of the rolled loop). Not for the forward's single-row tiles (R = 1: 1D planes,
+    // a 2D plane's last H mod 4 rows): slower on AVX2 for 1D.
 #pragma GCC unroll 16
     for (int64_t s = 0; s < R + Kh - 1; ++s) {
 #pragma GCC unroll 16
