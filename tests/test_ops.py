@@ -239,6 +239,40 @@ def test_expanded_input_gradient_is_reduced():
     torch.testing.assert_close(k1.grad, k2.grad)
 
 
+# ---- what autograd keeps -------------------------------------------------------------
+
+
+def _saved_while(run):
+    """The tensors autograd saves for backward while run() builds the graph."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    return saved, out
+
+
+@pytest.mark.parametrize("mode", ["dot", "matmul", "conv"])
+def test_global_saves_only_its_inputs_for_backward(compiled, mode):
+    """Issue 3: dot keeps nothing for backward beyond its inputs (nor do matmul and conv):
+    no product, spectrum or copy stays alive from forward to backward."""
+    k, z, x = (t.requires_grad_() for t in global_inputs(4, 3, (6, 6), "C", True, torch.float32, seed=2))
+    saved, y = _saved_while(lambda: ops.hyperzzw_global(k, z, x, mode=mode))
+    assert sorted(t.data_ptr() for t in saved) == sorted(t.data_ptr() for t in (k, z, x))
+    y.sum().backward()
+    assert all(t.grad is not None for t in (k, z, x))
+
+
+@pytest.mark.parametrize("algo", ["direct", "fft"])
+def test_conv_saves_only_its_inputs_for_backward(compiled, algo):
+    x, w = (t.requires_grad_() for t in conv_inputs(2, 3, (7, 7), (3, 3), "BC", torch.float32, seed=2))
+    saved, y = _saved_while(lambda: ops.hyperkernel_conv(x, w, algo=algo))
+    assert sorted(t.data_ptr() for t in saved) == sorted(t.data_ptr() for t in (x, w))
+
+
 # ---- empty batches -------------------------------------------------------------------
 
 
