@@ -239,6 +239,35 @@ def test_expanded_input_gradient_is_reduced():
     torch.testing.assert_close(k1.grad, k2.grad)
 
 
+@pytest.mark.parametrize("has_x", [True, False])
+@pytest.mark.parametrize("length", [1, 7, 8, 9, 15, 16, 17, 40, 100])
+def test_dot_float16_rounds_each_product_once(compiled, length, has_x):
+    """float16 dot converts whole vectors at a time (F16C) and the rest one by one: either
+    way each product is taken in float32 and rounded once to float16, as torch's own
+    float32 arithmetic gives it, exactly, infinities, NaN, subnormals and overflow included.
+    Lengths across the vector widths (8, 16) leave every tail size."""
+    gen = torch.Generator().manual_seed(length)
+    z = (torch.randn(3, 2, length, generator=gen) * 4).half()
+    x = (torch.randn(3, 2, length, generator=gen) * 4).half() if has_x else None
+    k = (torch.randn(2, length, generator=gen) * 4).half()
+    gy = torch.randn(3, 2, length, generator=gen).half()
+    z.view(-1)[0], z.view(-1)[-1] = float("inf"), float("nan")
+    k.view(-1)[-1], z.view(-1)[length // 2] = 6e-8, 60000.0  # a subnormal; a product past 65504
+    u = (x if has_x else z).float()
+    y = ops.hyperzzw_global(k, z, x, mode="dot")
+    exact = dict(rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(y, (k.float() * z.float() * u).half(), **exact)
+    gk, gz, gx = torch.ops.terminator.hyperzzw_global_backward(gy, k, z, x, "dot")
+    g = gy.float()
+    if has_x:
+        torch.testing.assert_close(gz, (g * k.float() * u).half(), **exact)
+        torch.testing.assert_close(gx, (g * k.float() * z.float()).half(), **exact)
+    else:
+        torch.testing.assert_close(gz, (2 * g * k.float() * z.float()).half(), **exact)
+    # gk sums over the batch (possibly with fused multiply-adds): close, not exact.
+    torch.testing.assert_close(gk, (g * z.float() * u).sum(0).half(), rtol=2e-3, atol=1e-3, equal_nan=True)
+
+
 # ---- what autograd keeps -------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
-#if defined(__AVX2__) || defined(__AVX512F__)
+#if defined(__AVX2__) || defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -99,7 +99,121 @@ at::Tensor empty_output_like(const at::Tensor& like) {
 #define TERMINATOR_DISPATCH_FLOATING(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// ---- vectors -----------------------------------------------------------------
+
+// The target's widest vector registers, and how many there are; the register blockings
+// below (tiles, kernel-row groups, tap runs) are sized from the count. A GCC/Clang vector
+// wider than the hardware's is lowered through the stack in 16-byte pieces: built for
+// AVX2 (-march=znver3) with 64-byte vectors, matmul forward+backward at B=64, C=36, 28×28
+// took 55.9 ms and the per-sample 7×7 convolution 34.3 ms; with 32-byte ones 3.5 and
+// 5.6 ms (docs/PERFORMANCE.md).
+#if defined(__AVX512F__)
+constexpr int64_t kVectorBytes = 64, kVectorRegisters = 32;
+#elif defined(__AVX__)
+constexpr int64_t kVectorBytes = 32, kVectorRegisters = 16;
+#elif defined(__aarch64__)
+constexpr int64_t kVectorBytes = 16, kVectorRegisters = 32;  // NEON
+#else
+constexpr int64_t kVectorBytes = 16, kVectorRegisters = 16;  // SSE2, and anything else
+#endif
+
+// One vector register of acc_t as a GCC/Clang vector. The weight gradient's loops left
+// to the auto-vectorizer ran at 4.6 GMAC/s per core here; written with this, 40-53.
+// GCC gives a vector type its element type's alias set, so the casts between acc_t*
+// and vector* below are well-defined there.
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(kVectorBytes), aligned(alignof(float))));
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(kVectorBytes), aligned(alignof(double))));
+};
+// Values of T in one Vec.
+template <typename T>
+constexpr int64_t kLanes = sizeof(typename Vec<T>::type) / sizeof(T);
+
+// dst[0, m) = v[0, m) for 0 < m < kLanes: one masked store where the target has them. A
+// plain loop here becomes `rep movs` from a stack copy of v, whose start-up took a third
+// of the direct 3×3 correlation's time at 28×28 (rows of 16 + 12 floats).
+template <typename T>
+inline void store_first_lanes(T* dst, typename Vec<T>::type v, int64_t m) {
+  // The casts reinterpret v's bits as the intrinsic's type (a value cast: that type is
+  // aligned to its size, v's type only to T's).
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_mask_storeu_ps(dst, static_cast<__mmask16>((1u << m) - 1), (__m512)v);
+  } else {
+    _mm512_mask_storeu_pd(dst, static_cast<__mmask8>((1u << m) - 1), (__m512d)v);
+  }
+#elif defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    _mm256_maskstore_ps(dst, _mm256_cmpgt_epi32(_mm256_set1_epi32(int(m)), lanes), (__m256)v);
+  } else {
+    const __m256i lanes = _mm256_setr_epi64x(0, 1, 2, 3);
+    _mm256_maskstore_pd(dst, _mm256_cmpgt_epi64(_mm256_set1_epi64x(m), lanes), (__m256d)v);
+  }
+#else
+  for (int64_t t = 0; t < m; ++t) dst[t] = v[t];
+#endif
+}
+
+// float16 as vectors of float. c10::Half converts one value per instruction (_cvtsh_ss,
+// _cvtss_sh with F16C) in loops GCC does not vectorize: dot, which does little else, ran
+// at half the eager reference's speed in float16 (B=64, C=36, 28×28, forward + backward
+// 2.2 ms against 1.0). With F16C a whole Vec converts in one instruction, the same
+// hardware conversion (round to nearest even), so results are bitwise the same.
+#if defined(__F16C__) && (defined(__AVX512F__) || defined(__AVX__))
+template <typename scalar_t>
+constexpr bool kHalfVectors = std::is_same_v<scalar_t, c10::Half>;
+
+inline Vec<float>::type load_half(const c10::Half* p) {
+#if defined(__AVX512F__)
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return (Vec<float>::type)_mm512_cvtph_ps(h);
+#else
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return (Vec<float>::type)_mm256_cvtph_ps(h);
+#endif
+}
+
+inline void store_half(c10::Half* p, Vec<float>::type v) {
+#if defined(__AVX512F__)
+  const __m256i h = _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+#else
+  const __m128i h = _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+#endif
+}
+#else
+template <typename scalar_t>
+constexpr bool kHalfVectors = false;
+inline Vec<float>::type load_half(const c10::Half*);  // never called: kHalfVectors is false
+inline void store_half(c10::Half*, Vec<float>::type);
+#endif
+
 // ---- hyperzzw_global, mode="dot" ---------------------------------------------
+
+// y[0, n) = k · z · x, elementwise.
+template <typename scalar_t, typename acc_t>
+void dot_forward_segment(int64_t n, const scalar_t* __restrict__ k, const scalar_t* __restrict__ z,
+                         const scalar_t* __restrict__ x, scalar_t* __restrict__ y) {
+  int64_t j = 0;
+  if constexpr (kHalfVectors<scalar_t>) {
+    for (constexpr int64_t L = kLanes<float>; j + L <= n; j += L) {
+      store_half(y + j, load_half(k + j) * load_half(z + j) * load_half(x + j));
+    }
+  }
+  for (; j < n; ++j) {
+    y[j] = static_cast<scalar_t>(acc_t(k[j]) * acc_t(z[j]) * acc_t(x[j]));
+  }
+}
 
 at::Tensor global_dot_forward(const at::Tensor& k, const at::Tensor& z, const at::Tensor& x) {
   auto y = empty_output_like(z);
@@ -114,11 +228,9 @@ at::Tensor global_dot_forward(const at::Tensor& k, const at::Tensor& z, const at
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, B * CN, kGrainWork, [&](int64_t begin, int64_t end) {
       for_each_row_piece(begin, end, CN, [&](int64_t b, int64_t i0, int64_t i1) {
-        const scalar_t* kr = kp + (shared ? 0 : b * CN);
-        const int64_t o = b * CN;
-        for (int64_t i = i0; i < i1; ++i) {
-          yp[o + i] = static_cast<scalar_t>(acc_t(kr[i]) * acc_t(zp[o + i]) * acc_t(xp[o + i]));
-        }
+        const int64_t o = b * CN + i0;
+        dot_forward_segment<scalar_t, acc_t>(i1 - i0, kp + (shared ? 0 : b * CN) + i0, zp + o,
+                                             xp + o, yp + o);
       });
     });
   });
@@ -133,7 +245,24 @@ void dot_backward_segment(int64_t n, const scalar_t* __restrict__ gy, const scal
                           const scalar_t* __restrict__ z, const scalar_t* __restrict__ x,
                           acc_t* __restrict__ dk, scalar_t* __restrict__ gz,
                           scalar_t* __restrict__ gx) {
-  for (int64_t j = 0; j < n; ++j) {
+  int64_t j = 0;
+  if constexpr (kHalfVectors<scalar_t>) {  // the same sums, a Vec at a time
+    using V = Vec<float>::type;
+    for (constexpr int64_t L = kLanes<float>; j + L <= n; j += L) {
+      const V g = load_half(gy + j), kv = load_half(k + j), zv = load_half(z + j);
+      const V xv = HasX ? load_half(x + j) : zv;
+      const V d = g * zv * xv;
+      V* dk_v = reinterpret_cast<V*>(dk + j);
+      *dk_v = Accumulate ? *dk_v + d : d;
+      if constexpr (HasX) {
+        store_half(gz + j, g * kv * xv);
+        store_half(gx + j, g * kv * zv);
+      } else {
+        store_half(gz + j, 2.0f * g * kv * zv);
+      }
+    }
+  }
+  for (; j < n; ++j) {
     const acc_t g = gy[j], kv = k[j], zv = z[j];
     const acc_t xv = HasX ? acc_t(x[j]) : zv;
     const acc_t d = g * zv * xv;
@@ -200,68 +329,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_dot_backward(const at::Ten
     }
   });
   return {gk, gz, gx};
-}
-
-int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
-
-// The target's widest vector registers, and how many there are; the register blockings
-// below (tiles, kernel-row groups, tap runs) are sized from the count. A GCC/Clang vector
-// wider than the hardware's is lowered through the stack in 16-byte pieces: built for
-// AVX2 (-march=znver3) with 64-byte vectors, matmul forward+backward at B=64, C=36, 28×28
-// took 55.9 ms and the per-sample 7×7 convolution 34.3 ms; with 32-byte ones 3.5 and
-// 5.6 ms (docs/PERFORMANCE.md).
-#if defined(__AVX512F__)
-constexpr int64_t kVectorBytes = 64, kVectorRegisters = 32;
-#elif defined(__AVX__)
-constexpr int64_t kVectorBytes = 32, kVectorRegisters = 16;
-#elif defined(__aarch64__)
-constexpr int64_t kVectorBytes = 16, kVectorRegisters = 32;  // NEON
-#else
-constexpr int64_t kVectorBytes = 16, kVectorRegisters = 16;  // SSE2, and anything else
-#endif
-
-// One vector register of acc_t as a GCC/Clang vector. The weight gradient's loops left
-// to the auto-vectorizer ran at 4.6 GMAC/s per core here; written with this, 40-53.
-// GCC gives a vector type its element type's alias set, so the casts between acc_t*
-// and vector* below are well-defined there.
-template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(kVectorBytes), aligned(alignof(float))));
-};
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(kVectorBytes), aligned(alignof(double))));
-};
-// Values of T in one Vec.
-template <typename T>
-constexpr int64_t kLanes = sizeof(typename Vec<T>::type) / sizeof(T);
-
-// dst[0, m) = v[0, m) for 0 < m < kLanes: one masked store where the target has them. A
-// plain loop here becomes `rep movs` from a stack copy of v, whose start-up took a third
-// of the direct 3×3 correlation's time at 28×28 (rows of 16 + 12 floats).
-template <typename T>
-inline void store_first_lanes(T* dst, typename Vec<T>::type v, int64_t m) {
-  // The casts reinterpret v's bits as the intrinsic's type (a value cast: that type is
-  // aligned to its size, v's type only to T's).
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float>) {
-    _mm512_mask_storeu_ps(dst, static_cast<__mmask16>((1u << m) - 1), (__m512)v);
-  } else {
-    _mm512_mask_storeu_pd(dst, static_cast<__mmask8>((1u << m) - 1), (__m512d)v);
-  }
-#elif defined(__AVX2__)
-  if constexpr (std::is_same_v<T, float>) {
-    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    _mm256_maskstore_ps(dst, _mm256_cmpgt_epi32(_mm256_set1_epi32(int(m)), lanes), (__m256)v);
-  } else {
-    const __m256i lanes = _mm256_setr_epi64x(0, 1, 2, 3);
-    _mm256_maskstore_pd(dst, _mm256_cmpgt_epi64(_mm256_set1_epi64x(m), lanes), (__m256d)v);
-  }
-#else
-  for (int64_t t = 0; t < m; ++t) dst[t] = v[t];
-#endif
 }
 
 // ---- hyperzzw_global, mode="matmul" -------------------------------------------
