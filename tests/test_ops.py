@@ -120,7 +120,7 @@ def test_global_real_sizes_and_dtypes(batch, channels, spatial, mode, has_x, dty
         check_against_reference(ours_global(mode), global_ref(mode), (k, z, x), "kzx", dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("side", [3, 5, 17, 28, 40, 63, 64, 65])
 @pytest.mark.parametrize("form", KERNEL_FORMS)
 def test_global_matmul_vector_spans_and_the_fused_kernels_limit(side, form, dtype):
@@ -131,7 +131,8 @@ def test_global_matmul_vector_spans_and_the_fused_kernels_limit(side, form, dtyp
     vector for several rows (5), two with a spill (17, 28), three (40: a single-vector group
     before a pair), four (63 with a spill, 64 without); float64 has half the lanes. CI runs
     this file against AVX2 and SSE2 builds too (32- and 16-byte vectors, where 3 is one vector
-    for several rows too in float32).
+    for several rows too in float32). float16 planes are converted a vector at a time (F16C)
+    and the rest one by one: side² leaves every remainder.
     """
     k, z, x = global_inputs(2, 2, (side, side), form, True, dtype, seed=2)
     check_against_reference(ours_global("matmul"), global_ref("matmul"), (k, z, x), "kzx", dtype)

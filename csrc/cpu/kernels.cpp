@@ -163,6 +163,18 @@ inline void store_first_lanes(T* dst, typename Vec<T>::type v, int64_t m) {
 #endif
 }
 
+// Makes the compiler hold v in a register from here on. A vector loaded once and used by
+// several multiply-adds is otherwise folded into each as a memory operand: loaded again
+// for every use. It also keeps a product from being fused into a later addition.
+template <typename acc_t>  // (not deduced: a deduced type would drop Vec's reduced alignment)
+inline void in_register(typename Vec<acc_t>::type& v) {
+#if defined(__SSE2__)
+  asm("" : "+v"(v));
+#elif defined(__aarch64__)
+  asm("" : "+w"(v));
+#endif
+}
+
 // float16 as vectors of float. c10::Half converts one value per instruction (_cvtsh_ss,
 // _cvtss_sh with F16C) in loops GCC does not vectorize: dot, which does little else, ran
 // at half the eager reference's speed in float16 (B=64, C=36, 28×28, forward + backward
@@ -446,7 +458,13 @@ void prefetch(const T* p, int64_t n) {
 template <typename scalar_t, typename acc_t>
 void load_plane(const scalar_t* __restrict__ src, SquarePlane<acc_t>& dst) {
   acc_t* __restrict__ out = dst.row(0);
-  for (int64_t e = 0; e < dst.S * dst.S; ++e) out[e] = acc_t(src[e]);
+  int64_t e = 0;
+  if constexpr (kHalfVectors<scalar_t>) {
+    for (constexpr int64_t L = kLanes<float>; e + L <= dst.S * dst.S; e += L) {
+      *reinterpret_cast<Vec<float>::type*>(out + e) = load_half(src + e);
+    }
+  }
+  for (; e < dst.S * dst.S; ++e) out[e] = acc_t(src[e]);
 }
 
 // dst = k ⊙ z
@@ -454,7 +472,13 @@ template <typename scalar_t, typename acc_t>
 void load_product(const scalar_t* __restrict__ k, const scalar_t* __restrict__ z,
                   SquarePlane<acc_t>& dst) {
   acc_t* __restrict__ out = dst.row(0);
-  for (int64_t e = 0; e < dst.S * dst.S; ++e) out[e] = acc_t(k[e]) * acc_t(z[e]);
+  int64_t e = 0;
+  if constexpr (kHalfVectors<scalar_t>) {
+    for (constexpr int64_t L = kLanes<float>; e + L <= dst.S * dst.S; e += L) {
+      *reinterpret_cast<Vec<float>::type*>(out + e) = load_half(k + e) * load_half(z + e);
+    }
+  }
+  for (; e < dst.S * dst.S; ++e) out[e] = acc_t(k[e]) * acc_t(z[e]);
 }
 
 // dst = srcᵀ, written row by row (strided reads, contiguous writes: measured faster
@@ -471,7 +495,40 @@ void load_transposed(const scalar_t* __restrict__ src, SquarePlane<acc_t>& dst) 
 template <typename scalar_t, typename acc_t>
 void store_plane(const SquarePlane<acc_t>& src, scalar_t* __restrict__ dst) {
   const acc_t* __restrict__ in = src.row(0);
-  for (int64_t e = 0; e < src.S * src.S; ++e) dst[e] = static_cast<scalar_t>(in[e]);
+  int64_t e = 0;
+  if constexpr (kHalfVectors<scalar_t>) {
+    for (constexpr int64_t L = kLanes<float>; e + L <= src.S * src.S; e += L) {
+      store_half(dst + e, *reinterpret_cast<const Vec<float>::type*>(in + e));
+    }
+  }
+  for (; e < src.S * src.S; ++e) dst[e] = static_cast<scalar_t>(in[e]);
+}
+
+// One plane's elementwise gradients from gŴ: gk_sum += gŴ ⊙ z and gz = gŴ ⊙ k, plus gu
+// where u is z (gu not null).
+template <typename scalar_t, typename acc_t>
+void plane_grads(int64_t N, const acc_t* __restrict__ gw, const acc_t* __restrict__ gu,
+                 const scalar_t* __restrict__ z, const scalar_t* __restrict__ k,
+                 acc_t* __restrict__ gk_sum, scalar_t* __restrict__ gz) {
+  int64_t e = 0;
+  if constexpr (kHalfVectors<scalar_t>) {
+    using V = Vec<float>::type;
+    for (constexpr int64_t L = kLanes<float>; e + L <= N; e += L) {
+      const V gw_v = *reinterpret_cast<const V*>(gw + e);
+      *reinterpret_cast<V*>(gk_sum + e) += gw_v * load_half(z + e);
+      V gz_v = gw_v * load_half(k + e);
+      if (gu != nullptr) {
+        in_register<float>(gz_v);  // rounded, then added, as below (GCC fused them here)
+        gz_v += *reinterpret_cast<const V*>(gu + e);
+      }
+      store_half(gz + e, gz_v);
+    }
+  }
+  for (; e < N; ++e) {
+    gk_sum[e] += gw[e] * acc_t(z[e]);
+    const acc_t gz_e = gw[e] * acc_t(k[e]);
+    gz[e] = static_cast<scalar_t>(gu == nullptr ? gz_e : gz_e + gu[e]);
+  }
 }
 
 // out[k, e] = Σ_q partial[k, q, e] for chunks q in increasing order (shared_batch_chunks).
@@ -576,15 +633,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_matmul_backward(const at::
           load_plane(gyp + p * N, g);
           gemm_plane(g.row(0), S, int64_t(1), u_t, g_what);  // gy · uᵀ
           gemm_plane(w_hat.row(0), int64_t(1), S, g, g_u);  // Ŵᵀ · gy
-          const acc_t* __restrict__ gw = g_what.row(0);
-          const acc_t* __restrict__ gu = g_u.row(0);
-          acc_t* __restrict__ gk_sum = g_k.row(0);
-          scalar_t* __restrict__ gz_plane = gzp + p * N;
-          for (int64_t e = 0; e < N; ++e) {
-            gk_sum[e] += gw[e] * acc_t(z_plane[e]);
-            const acc_t gz_e = gw[e] * acc_t(k_plane[e]);
-            gz_plane[e] = static_cast<scalar_t>(x.defined() ? gz_e : gz_e + gu[e]);
-          }
+          plane_grads(N, g_what.row(0), x.defined() ? nullptr : g_u.row(0), z_plane, k_plane,
+                      g_k.row(0), gzp + p * N);
           if (x.defined()) store_plane(g_u, gxp + p * N);
         }
         if (chunks.count == 1) {
@@ -678,18 +728,6 @@ inline void store_tile(const typename Vec<acc_t>::type (&acc)[R][NV], int64_t i,
       for (int64_t t = 0; t < m; ++t) o[v * L + t] = static_cast<scalar_t>(acc[r][v][t]);
     }
   }
-}
-
-// Makes the compiler hold v in a register from here on. A vector loaded once and used by
-// several multiply-adds is otherwise folded into each as a memory operand: loaded again
-// for every use.
-template <typename acc_t>  // (not deduced: a deduced type would drop Vec's reduced alignment)
-inline void in_register(typename Vec<acc_t>::type& v) {
-#if defined(__SSE2__)
-  asm("" : "+v"(v));
-#elif defined(__aarch64__)
-  asm("" : "+w"(v));
-#endif
 }
 
 // Rows [i, i + R) and columns [j, j + NV·L) of out[i, j] = Σ_{qi, qj} w[qi, qj] ·
