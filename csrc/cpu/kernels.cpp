@@ -176,6 +176,16 @@ inline void in_register(typename Vec<acc_t>::type& v) {
 #endif
 }
 
+// Makes the compiler treat v as an unknown value from here on (nothing fused into what
+// follows).
+inline void opaque(float& v) {
+#if defined(__SSE2__)
+  asm("" : "+x"(v));
+#elif defined(__aarch64__)
+  asm("" : "+w"(v));
+#endif
+}
+
 // float16 as vectors of float. c10::Half converts one value per instruction (_cvtsh_ss,
 // _cvtss_sh with F16C) in loops GCC does not vectorize: dot, which does little else, ran
 // at half the eager reference's speed in float16 (B=64, C=36, 28×28, forward + backward
@@ -565,7 +575,7 @@ void plane_grads(int64_t N, const acc_t* __restrict__ gw, const acc_t* __restric
       *reinterpret_cast<V*>(gk_sum + e) += gw_v * load_half(z + e);
       V gz_v = gw_v * load_half(k + e);
       if (gu != nullptr) {
-        in_register<float>(gz_v);  // rounded, then added, as below (GCC fused them here)
+        in_register<float>(gz_v);  // rounded, then added: float16 was never fused here
         gz_v += *reinterpret_cast<const V*>(gu + e);
       }
       store_half(gz + e, gz_v);
@@ -573,7 +583,12 @@ void plane_grads(int64_t N, const acc_t* __restrict__ gw, const acc_t* __restric
   }
   for (; e < N; ++e) {
     gk_sum[e] += gw[e] * acc_t(z[e]);
-    const acc_t gz_e = gw[e] * acc_t(k[e]);
+    acc_t gz_e = gw[e] * acc_t(k[e]);
+    // float16 as before: its per-value conversions kept GCC from fusing the product into
+    // the addition, which it does for the other types (and, unstopped, did here).
+    if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+      if (gu != nullptr) opaque(gz_e);
+    }
     gz[e] = static_cast<scalar_t>(gu == nullptr ? gz_e : gz_e + gu[e]);
   }
 }
