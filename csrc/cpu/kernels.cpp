@@ -191,9 +191,20 @@ inline void opaque(float& v) {
 // at half the eager reference's speed in float16 (B=64, C=36, 28×28, forward + backward
 // 2.2 ms against 1.0). With F16C a whole Vec converts in one instruction, the same
 // hardware conversion (round to nearest even), so results are bitwise the same.
+// A Vec of float narrowed to 16-bit values: their bits, one lane each.
+typedef uint16_t Bits16 __attribute__((vector_size(kVectorBytes / 2)));
+
 #if defined(__F16C__) && defined(__AVX__)  // (AVX-512 implies AVX)
 template <typename scalar_t>
 constexpr bool kHalfVectors = std::is_same_v<scalar_t, c10::Half>;
+
+inline Bits16 half_bits(Vec<float>::type v) {
+#if defined(__AVX512F__)
+  return (Bits16)_mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT);
+#else
+  return (Bits16)_mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT);
+#endif
+}
 
 inline Vec<float>::type load_half(const c10::Half* p) {
 #if defined(__AVX512F__)
@@ -206,27 +217,42 @@ inline Vec<float>::type load_half(const c10::Half* p) {
 }
 
 inline void store_half(c10::Half* p, Vec<float>::type v) {
-#if defined(__AVX512F__)
-  const __m256i h = _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
-#else
-  const __m128i h = _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
-#endif
+  const Bits16 h = half_bits(v);
+  std::memcpy(p, &h, sizeof h);
 }
 #else
 template <typename scalar_t>
 constexpr bool kHalfVectors = false;
-inline Vec<float>::type load_half(const c10::Half*);  // never called: kHalfVectors is false
+// Never called where kHalfVectors is false.
+inline Bits16 half_bits(Vec<float>::type);
+inline Vec<float>::type load_half(const c10::Half*);
 inline void store_half(c10::Half*, Vec<float>::type);
 #endif
 
-// A Vec of float narrowed to 16-bit values (their bits, one lane each), for the direct
-// convolution's stores (store_tile; with float16 rows also read a Vec at a time). Value by
-// value before: A/B at B=64, C=36, 28×28, cold, float16 3×3 forward 0.63 -> 0.27 ms,
-// backward 1.02 -> 0.59; bfloat16 0.50 -> 0.39, 0.81 -> 0.72; 7×7 10-30 % faster; bitwise
-// the same.
-typedef uint16_t Bits16 __attribute__((vector_size(kVectorBytes / 2)));
+// dst[0, n) = src[0, n) as To; float16 a Vec at a time (kHalfVectors), the rest one by one.
+template <typename From, typename To>
+inline void convert(const From* __restrict__ src, int64_t n, To* __restrict__ dst) {
+  int64_t e = 0;
+  constexpr int64_t L = kLanes<float>;
+  if constexpr (kHalfVectors<From>) {
+    for (; e + L <= n; e += L) {
+      const Vec<float>::type v = load_half(src + e);
+      std::memcpy(dst + e, &v, sizeof v);
+    }
+  } else if constexpr (kHalfVectors<To>) {
+    for (; e + L <= n; e += L) {
+      Vec<float>::type v;
+      std::memcpy(&v, src + e, sizeof v);
+      store_half(dst + e, v);
+    }
+  }
+  for (; e < n; ++e) dst[e] = static_cast<To>(src[e]);
+}
+
+// Narrowing a Vec at a time, for the direct convolution's stores (store_tile; with float16
+// rows also read a Vec at a time, copy_into_padded). Value by value before: A/B at B=64,
+// C=36, 28×28, cold, float16 3×3 forward 0.63 -> 0.27 ms, backward 1.02 -> 0.59; bfloat16
+// 0.50 -> 0.39, 0.81 -> 0.72; 7×7 10-30 % faster; bitwise the same.
 
 // Whether narrow_bits takes a Vec of float to scalar_t at once.
 template <typename scalar_t>
@@ -243,13 +269,7 @@ inline Bits16 narrow_bits(Vec<float>::type v) {
     const Bits32 rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
     return __builtin_convertvector((rounded & ~nan) | (nan & 0x7FC0u), Bits16);
   } else {
-#if defined(__F16C__) && defined(__AVX512F__)
-    return (Bits16)_mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT);
-#elif defined(__F16C__) && defined(__AVX__)
-    return (Bits16)_mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT);
-#else
-    static_assert(!std::is_same_v<scalar_t, scalar_t>, "float16 vectors need F16C");
-#endif
+    return half_bits(v);
   }
 }
 
@@ -263,7 +283,9 @@ inline void store_bits(scalar_t* p, Bits16 bits, int64_t m) {
 #if defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512F__)
   _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << m) - 1), (__m256i)bits);
 #else
-  for (int64_t t = 0; t < m; ++t) std::memcpy(p + t, reinterpret_cast<const char*>(&bits) + 2 * t, 2);
+  for (int64_t t = 0; t < m; ++t) {
+    std::memcpy(p + t, reinterpret_cast<const char*>(&bits) + 2 * t, 2);
+  }
 #endif
 }
 
@@ -514,14 +536,7 @@ void prefetch(const T* p, int64_t n) {
 
 template <typename scalar_t, typename acc_t>
 void load_plane(const scalar_t* __restrict__ src, SquarePlane<acc_t>& dst) {
-  acc_t* __restrict__ out = dst.row(0);
-  int64_t e = 0;
-  if constexpr (kHalfVectors<scalar_t>) {
-    for (constexpr int64_t L = kLanes<float>; e + L <= dst.S * dst.S; e += L) {
-      *reinterpret_cast<Vec<float>::type*>(out + e) = load_half(src + e);
-    }
-  }
-  for (; e < dst.S * dst.S; ++e) out[e] = acc_t(src[e]);
+  convert(src, dst.S * dst.S, dst.row(0));
 }
 
 // dst = k ⊙ z
@@ -551,14 +566,7 @@ void load_transposed(const scalar_t* __restrict__ src, SquarePlane<acc_t>& dst) 
 
 template <typename scalar_t, typename acc_t>
 void store_plane(const SquarePlane<acc_t>& src, scalar_t* __restrict__ dst) {
-  const acc_t* __restrict__ in = src.row(0);
-  int64_t e = 0;
-  if constexpr (kHalfVectors<scalar_t>) {
-    for (constexpr int64_t L = kLanes<float>; e + L <= src.S * src.S; e += L) {
-      store_half(dst + e, *reinterpret_cast<const Vec<float>::type*>(in + e));
-    }
-  }
-  for (; e < src.S * src.S; ++e) dst[e] = static_cast<scalar_t>(in[e]);
+  convert(src.row(0), src.S * src.S, dst);
 }
 
 // One plane's elementwise gradients from gŴ: gk_sum += gŴ ⊙ z and gz = gŴ ⊙ k, plus gu
@@ -734,17 +742,7 @@ PaddedPlane padded_for(int64_t H, int64_t W, int64_t Kh, int64_t Kw, int64_t top
 template <typename scalar_t, typename acc_t>
 void copy_into_padded(const scalar_t* __restrict__ in, int64_t H, int64_t W, const PaddedPlane& g,
                       acc_t* __restrict__ out) {
-  for (int64_t i = 0; i < H; ++i) {
-    acc_t* row = out + (i + g.top) * g.stride + g.left;
-    int64_t j = 0;
-    if constexpr (kHalfVectors<scalar_t>) {
-      for (constexpr int64_t L = kLanes<float>; j + L <= W; j += L) {
-        const Vec<float>::type v = load_half(in + i * W + j);
-        std::memcpy(row + j, &v, sizeof v);
-      }
-    }
-    for (; j < W; ++j) row[j] = acc_t(in[i * W + j]);
-  }
+  for (int64_t i = 0; i < H; ++i) convert(in + i * W, W, out + (i + g.top) * g.stride + g.left);
 }
 
 // Whether all n values are finite: v - v is 0 for a finite v and NaN for an inf or NaN,
