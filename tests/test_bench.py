@@ -84,6 +84,38 @@ def test_the_targets_summary_says_met_only_when_every_case_reaches_its_threshold
     assert targets["peak memory of forward+backward <= eager"]["met"] is False  # matmul 3 > 2 MB
 
 
+def test_each_target_value_gets_the_spread_of_its_ratio_round_by_round():
+    bench = _bench_ops_module()
+
+    def with_rounds(op, spatial, ours, eager, **extra):
+        rounds = {"ours": ours, "eager": eager, **extra}
+        medians = {name: sorted(times)[len(times) // 2] for name, times in rounds.items()}
+        return {**_result(op, spatial, medians, ksize=3, algo="auto", shared=False),
+                "rounds": {"fwdbwd": rounds}}
+
+    results = [
+        # The VM slows down in rounds 2 and 4: round by round the ratio stays 2.0.
+        with_rounds("matmul", (28, 28), [1.0, 2.0, 1.0, 2.0, 1.0], [2.0, 4.0, 2.0, 4.0, 2.0]),
+        # Round ratios 1.4, 1.6, 1.45, 1.55, 1.5: met (1.5), but the threshold is in their range.
+        with_rounds("matmul", (32, 32), [1.0] * 5, [1.4, 1.6, 1.45, 1.55, 1.5]),
+        # auto against the better of direct and fft in each round (fft in round 2).
+        with_rounds("hkconv", (28, 28), [1.0] * 5, [4.0, 6.0, 5.0, 5.5, 4.5], direct=[0.8, 1.0, 0.9, 1.2, 1.1],
+                    fft=[3.0, 0.7, 3.0, 3.0, 3.0]),
+    ]
+    targets = {t["target"]: t for t in bench.evaluate_targets(results)}
+    matmul = targets["matmul >= 1.5x eager"]
+    assert matmul["values"] == [("28x28", 2.0), ("32x32", 1.5)] and matmul["met"] is True
+    assert matmul["spreads"] == [("28x28", 2.0, 2.0), ("32x32", 1.45, 1.55)] and matmul["near"] == ["32x32"]
+    auto = targets["algo='auto' within 10 % of the better of direct and fft"]
+    assert auto["values"] == [("3@28x28", 1.0)]  # median direct 1.0 beats median fft 3.0
+    assert auto["spreads"] == [("3@28x28", 0.8, 1.1)] and auto["met"] is True and auto["near"] == ["3@28x28"]
+    assert targets["per-sample kernels of 3, 5, 9 (2D and 1D) >= 5x eager"]["near"] == ["3@28x28"]
+    assert targets["dot >= 8x eager"]["met"] is None  # no dot case
+    # Results without per-round times (an older JSON) are judged as before, without spreads.
+    old = bench.evaluate_targets([_result("matmul", (28, 28), {"ours": 1.0, "eager": 1.6})])
+    assert old[4]["target"] == "matmul >= 1.5x eager" and old[4]["met"] is True and old[4]["spreads"] is None
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6])
 def test_balanced_orders_let_each_implementation_follow_every_other_equally_often(n):
     orders = _bench_ops_module().balanced_orders(n)
