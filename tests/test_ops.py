@@ -210,6 +210,7 @@ def test_global_any_strides(spatial, mode):
         for name_z, zv in _layouts(z).items():
             got = ops.hyperzzw_global(kv, zv, _layouts(x)[name], mode=mode)
             torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13, msg=f"k {name}, z {name_z}")
+            assert got.is_contiguous(), f"k {name}, z {name_z}: strides {got.stride()}"  # as documented
     # An expanded kernel (stride 0 over the batch) and expanded activations.
     got = ops.hyperzzw_global(k.expand(3, *k.shape[1:]), z[:1].expand_as(z), x, mode=mode)
     torch.testing.assert_close(got, ops.hyperzzw_global(k.expand(3, *k.shape[1:]).contiguous(),
@@ -225,6 +226,7 @@ def test_conv_any_strides(spatial, kernel, algo):
         for name_w, wv in _layouts(w).items():
             got = ops.hyperkernel_conv(xv, wv, algo=algo)
             torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13, msg=f"x {name}, w {name_w}")
+            assert got.is_contiguous(), f"x {name}, w {name_w}: strides {got.stride()}"  # as documented
     shared = w[:1]
     got = ops.hyperkernel_conv(x, shared.expand_as(w), algo=algo)
     torch.testing.assert_close(got, ops.hyperkernel_conv(x, shared, algo=algo), rtol=1e-13, atol=1e-13)

@@ -3,7 +3,7 @@
 #   1. a virtual environment in .venv with the CPU build of torch and this package
 #   2. `terminator build`: compiles the C++ ops on the fly; in CI it must be the C++ backend
 #   3. every .cu compiled with nvcc against the CUDA build of torch's headers
-#   4. the op tests again on the pure-PyTorch fallback (TERMINATOR_BACKEND=reference)
+#   4. the op tests and a fuzz sample again on the pure-PyTorch fallback (TERMINATOR_BACKEND=reference)
 #   5. the op tests under AddressSanitizer + UBSan (tools/sanitize.sh)
 #   6. the op and numerics tests on AVX2 and SSE2 builds (x86-64 Linux)
 #   7. the whole suite on the compiled backend
@@ -23,7 +23,8 @@ else
 fi
 
 echo "== op tests on the reference backend"
-TERMINATOR_BACKEND=reference .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_errors.py
+TERMINATOR_BACKEND=reference .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_errors.py \
+  tests/test_fuzz.py
 
 # ---- hardening (issue 7) ------------------------------------------------------------
 # The op tests (and a fuzz sample) against an ASan + UBSan build of the C++ ops; any

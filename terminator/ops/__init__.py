@@ -52,7 +52,9 @@ def hyperzzw_global(
     _checks.check_global_args(k, z, x, mode)
     if _compiled(z):
         return torch.ops.terminator.hyperzzw_global(k, z, x, mode)
-    return reference.hyperzzw_global(k, z, x, mode=mode)
+    # The reference's broadcasting products follow their inputs' strides (an expanded k
+    # gives a non-contiguous result); the promise above holds for every backend.
+    return reference.hyperzzw_global(k, z, x, mode=mode).contiguous()
 
 
 def hyperkernel_conv(x: torch.Tensor, w: torch.Tensor, *, algo: str = "auto") -> torch.Tensor:
@@ -71,4 +73,4 @@ def hyperkernel_conv(x: torch.Tensor, w: torch.Tensor, *, algo: str = "auto") ->
     _checks.check_conv_args(x, w, algo)
     if _compiled(x):
         return torch.ops.terminator.hyperkernel_conv(x, w, algo)
-    return reference.hyperkernel_conv(x, w, algo=algo)
+    return reference.hyperkernel_conv(x, w, algo=algo).contiguous()
