@@ -131,8 +131,8 @@ def test_global_matmul_vector_spans_and_the_fused_kernels_limit(side, form, dtyp
     vector for several rows (5), two with a spill (17, 28), three (40: a single-vector group
     before a pair), four (63 with a spill, 64 without); float64 has half the lanes. CI runs
     this file against AVX2 and SSE2 builds too (32- and 16-byte vectors, where 3 is one vector
-    for several rows too in float32). float16 planes are converted a vector at a time (F16C)
-    and the rest one by one: side² leaves every remainder.
+    for several rows too in float32). float16 and bfloat16 planes are converted a vector at a
+    time and the rest one by one: side² leaves every remainder.
     """
     k, z, x = global_inputs(2, 2, (side, side), form, True, dtype, seed=2)
     check_against_reference(ours_global("matmul"), global_ref("matmul"), (k, z, x), "kzx", dtype)
@@ -244,31 +244,35 @@ def test_expanded_input_gradient_is_reduced():
 
 @pytest.mark.parametrize("has_x", [True, False])
 @pytest.mark.parametrize("length", [1, 7, 8, 9, 15, 16, 17, 40, 100])
-def test_dot_float16_rounds_each_product_once(compiled, length, has_x):
-    """float16 dot converts whole vectors at a time (F16C) and the rest one by one: either
-    way each product is taken in float32 and rounded once to float16, as torch's own
-    float32 arithmetic gives it, exactly, infinities, NaN, subnormals and overflow included.
-    Lengths across the vector widths (8, 16) leave every tail size."""
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_dot_half_types_round_each_product_once(compiled, dtype, length, has_x):
+    """float16 and bfloat16 dot convert whole vectors at a time (F16C; bfloat16 by bit
+    shifts and c10's rounding) and the rest one by one: either way each product is taken
+    in float32 and rounded once, as torch's own float32 arithmetic gives it, exactly,
+    infinities, NaN, subnormals and overflow included. Lengths across the vector widths
+    (4, 8, 16 lanes) leave every tail size."""
     gen = torch.Generator().manual_seed(length)
-    z = (torch.randn(3, 2, length, generator=gen) * 4).half()
-    x = (torch.randn(3, 2, length, generator=gen) * 4).half() if has_x else None
-    k = (torch.randn(2, length, generator=gen) * 4).half()
-    gy = torch.randn(3, 2, length, generator=gen).half()
+    z = (torch.randn(3, 2, length, generator=gen) * 4).to(dtype)
+    x = (torch.randn(3, 2, length, generator=gen) * 4).to(dtype) if has_x else None
+    k = (torch.randn(2, length, generator=gen) * 4).to(dtype)
+    gy = torch.randn(3, 2, length, generator=gen).to(dtype)
     z.view(-1)[0], z.view(-1)[-1] = float("inf"), float("nan")
-    k.view(-1)[-1], z.view(-1)[length // 2] = 6e-8, 60000.0  # a subnormal; a product past 65504
+    # A subnormal; a product past the largest finite value.
+    tiny, huge = (6e-8, 60000.0) if dtype == torch.float16 else (1e-40, 3e38)
+    k.view(-1)[-1], z.view(-1)[length // 2] = tiny, huge
     u = (x if has_x else z).float()
     y = ops.hyperzzw_global(k, z, x, mode="dot")
     exact = dict(rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(y, (k.float() * z.float() * u).half(), **exact)
+    torch.testing.assert_close(y, (k.float() * z.float() * u).to(dtype), **exact)
     gk, gz, gx = torch.ops.terminator.hyperzzw_global_backward(gy, k, z, x, "dot")
     g = gy.float()
     if has_x:
-        torch.testing.assert_close(gz, (g * k.float() * u).half(), **exact)
-        torch.testing.assert_close(gx, (g * k.float() * z.float()).half(), **exact)
+        torch.testing.assert_close(gz, (g * k.float() * u).to(dtype), **exact)
+        torch.testing.assert_close(gx, (g * k.float() * z.float()).to(dtype), **exact)
     else:
-        torch.testing.assert_close(gz, (2 * g * k.float() * z.float()).half(), **exact)
+        torch.testing.assert_close(gz, (2 * g * k.float() * z.float()).to(dtype), **exact)
     # gk sums over the batch (possibly with fused multiply-adds): close, not exact.
-    torch.testing.assert_close(gk, (g * z.float() * u).sum(0).half(), rtol=2e-3, atol=1e-3, equal_nan=True)
+    torch.testing.assert_close(gk, (g * z.float() * u).sum(0).to(dtype), rtol=1e-2, atol=1e-3, equal_nan=True)
 
 
 # ---- what autograd keeps -------------------------------------------------------------

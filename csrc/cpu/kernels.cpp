@@ -186,13 +186,17 @@ inline void opaque(float& v) {
 #endif
 }
 
-// float16 as vectors of float. c10::Half converts one value per instruction (_cvtsh_ss,
-// _cvtss_sh with F16C) in loops GCC does not vectorize: dot, which does little else, ran
-// at half the eager reference's speed in float16 (B=64, C=36, 28×28, forward + backward
-// 2.2 ms against 1.0). With F16C a whole Vec converts in one instruction, the same
-// hardware conversion (round to nearest even), so results are bitwise the same.
+// float16 and bfloat16 as vectors of float (load_widened, store_narrowed). c10::Half
+// converts one value per instruction (_cvtsh_ss, _cvtss_sh with F16C) in loops GCC does
+// not vectorize: dot, which does little else, ran at half the eager reference's speed in
+// float16 (B=64, C=36, 28×28, forward + backward 2.2 ms against 1.0). With F16C a whole
+// Vec converts in one instruction, the same hardware conversion (round to nearest even),
+// so results are bitwise the same. bfloat16 is a float's upper half: exact to widen, and
+// narrowed with c10's rounding (narrow_bits).
 // A Vec of float narrowed to 16-bit values: their bits, one lane each.
 typedef uint16_t Bits16 __attribute__((vector_size(kVectorBytes / 2)));
+// The same lanes at 32 bits: a Vec of float's bits.
+typedef uint32_t Bits32 __attribute__((vector_size(kVectorBytes)));
 
 #if defined(__F16C__) && defined(__AVX__)  // (AVX-512 implies AVX)
 template <typename scalar_t>
@@ -215,55 +219,28 @@ inline Vec<float>::type load_half(const c10::Half* p) {
   return (Vec<float>::type)_mm256_cvtph_ps(h);
 #endif
 }
-
-inline void store_half(c10::Half* p, Vec<float>::type v) {
-  const Bits16 h = half_bits(v);
-  std::memcpy(p, &h, sizeof h);
-}
 #else
 template <typename scalar_t>
 constexpr bool kHalfVectors = false;
 // Never called where kHalfVectors is false.
 inline Bits16 half_bits(Vec<float>::type);
 inline Vec<float>::type load_half(const c10::Half*);
-inline void store_half(c10::Half*, Vec<float>::type);
 #endif
 
-// dst[0, n) = src[0, n) as To; float16 a Vec at a time (kHalfVectors), the rest one by one.
-template <typename From, typename To>
-inline void convert(const From* __restrict__ src, int64_t n, To* __restrict__ dst) {
-  int64_t e = 0;
-  constexpr int64_t L = kLanes<float>;
-  if constexpr (kHalfVectors<From>) {
-    for (; e + L <= n; e += L) {
-      const Vec<float>::type v = load_half(src + e);
-      std::memcpy(dst + e, &v, sizeof v);
-    }
-  } else if constexpr (kHalfVectors<To>) {
-    for (; e + L <= n; e += L) {
-      Vec<float>::type v;
-      std::memcpy(&v, src + e, sizeof v);
-      store_half(dst + e, v);
-    }
-  }
-  for (; e < n; ++e) dst[e] = static_cast<To>(src[e]);
-}
-
-// Narrowing a Vec at a time, for the direct convolution's stores (store_tile; with float16
-// rows also read a Vec at a time, copy_into_padded). Value by value before: A/B at B=64,
-// C=36, 28×28, cold, float16 3×3 forward 0.63 -> 0.27 ms, backward 1.02 -> 0.59; bfloat16
-// 0.50 -> 0.39, 0.81 -> 0.72; 7×7 10-30 % faster; bitwise the same.
-
-// Whether narrow_bits takes a Vec of float to scalar_t at once.
+// Whether scalar_t converts to and from float a Vec at a time (narrow_bits, load_widened).
 template <typename scalar_t>
-constexpr bool kNarrowVectors = kHalfVectors<scalar_t> || std::is_same_v<scalar_t, c10::BFloat16>;
+constexpr bool kVectorConversion = kHalfVectors<scalar_t> || std::is_same_v<scalar_t, c10::BFloat16>;
+
+// Narrowing a Vec at a time, for the direct convolution's stores (store_tile) and
+// convert. Value by value before: A/B at B=64, C=36, 28×28, cold, float16 3×3 forward
+// 0.63 -> 0.27 ms, backward 1.02 -> 0.59; bfloat16 0.50 -> 0.39, 0.81 -> 0.72; 7×7
+// 10-30 % faster; bitwise the same.
 
 // bfloat16: rounded to nearest even, NaN as 0x7FC0, as c10's round_to_nearest_even;
-// float16: the F16C conversion, as store_half.
+// float16: the F16C conversion (half_bits).
 template <typename scalar_t>
 inline Bits16 narrow_bits(Vec<float>::type v) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    typedef uint32_t Bits32 __attribute__((vector_size(kVectorBytes)));
     const Bits32 u = (Bits32)v;
     const Bits32 nan = (Bits32)(v != v);  // all ones where v is NaN
     const Bits32 rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
@@ -271,6 +248,62 @@ inline Bits16 narrow_bits(Vec<float>::type v) {
   } else {
     return half_bits(v);
   }
+}
+
+// kLanes<float> values of scalar_t as a Vec of float: bfloat16 exactly (its bits are a
+// float's upper half), float16 by F16C as load_half. Intrinsics on x86: GCC lowers the
+// generic __builtin_convertvector to AVX-512 in two 256-bit halves, which made the
+// bfloat16 matmul forward slower than GCC's own vectorization of the scalar loop.
+template <typename scalar_t>
+inline Vec<float>::type load_widened(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+#if defined(__AVX512F__)
+    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return (Vec<float>::type)_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16);
+#elif defined(__AVX2__)
+    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return (Vec<float>::type)_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16);
+#elif defined(__SSE2__) && !defined(__AVX__)  // (AVX without AVX2: 32-byte Vecs, generic below)
+    const __m128i bits = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return (Vec<float>::type)_mm_unpacklo_epi16(_mm_setzero_si128(), bits);  // bits in the upper halves
+#else
+    Bits16 bits;
+    std::memcpy(&bits, p, sizeof bits);
+    return (Vec<float>::type)(__builtin_convertvector(bits, Bits32) << 16);
+#endif
+  } else {
+    return load_half(p);
+  }
+}
+
+// p[0, kLanes<float>) = v narrowed to scalar_t (narrow_bits).
+template <typename scalar_t>
+inline void store_narrowed(scalar_t* p, Vec<float>::type v) {
+  const Bits16 bits = narrow_bits<scalar_t>(v);
+  std::memcpy(p, &bits, sizeof bits);
+}
+
+// dst[0, n) = src[0, n) as To: float16 and bfloat16 to and from float a Vec at a time
+// (bitwise as one by one), the rest one by one. The bfloat16 rows of the direct
+// convolution were copied value by value before: at B=64, C=36, 28×28 its 3×3 forward
+// took 0.37-0.40 ms against float16's 0.23-0.27 (A/B in docs/PERFORMANCE.md).
+template <typename From, typename To>
+inline void convert(const From* __restrict__ src, int64_t n, To* __restrict__ dst) {
+  int64_t e = 0;
+  constexpr int64_t L = kLanes<float>;
+  if constexpr (kVectorConversion<From> && std::is_same_v<To, float>) {
+    for (; e + L <= n; e += L) {
+      const Vec<float>::type v = load_widened(src + e);
+      std::memcpy(dst + e, &v, sizeof v);
+    }
+  } else if constexpr (kVectorConversion<To> && std::is_same_v<From, float>) {
+    for (; e + L <= n; e += L) {
+      Vec<float>::type v;
+      std::memcpy(&v, src + e, sizeof v);
+      store_narrowed(dst + e, v);
+    }
+  }
+  for (; e < n; ++e) dst[e] = static_cast<To>(src[e]);
 }
 
 // p[0, m) = the first m lanes of bits (0 < m ≤ lanes): one masked store with AVX-512BW.
@@ -296,9 +329,9 @@ template <typename scalar_t, typename acc_t>
 void dot_forward_segment(int64_t n, const scalar_t* __restrict__ k, const scalar_t* __restrict__ z,
                          const scalar_t* __restrict__ x, scalar_t* __restrict__ y) {
   int64_t j = 0;
-  if constexpr (kHalfVectors<scalar_t>) {
+  if constexpr (kVectorConversion<scalar_t>) {
     for (constexpr int64_t L = kLanes<float>; j + L <= n; j += L) {
-      store_half(y + j, load_half(k + j) * load_half(z + j) * load_half(x + j));
+      store_narrowed(y + j, load_widened(k + j) * load_widened(z + j) * load_widened(x + j));
     }
   }
   for (; j < n; ++j) {
@@ -337,19 +370,19 @@ void dot_backward_segment(int64_t n, const scalar_t* __restrict__ gy, const scal
                           acc_t* __restrict__ dk, scalar_t* __restrict__ gz,
                           scalar_t* __restrict__ gx) {
   int64_t j = 0;
-  if constexpr (kHalfVectors<scalar_t>) {  // the same sums, a Vec at a time
+  if constexpr (kVectorConversion<scalar_t>) {  // the same sums, a Vec at a time
     using V = Vec<float>::type;
     for (constexpr int64_t L = kLanes<float>; j + L <= n; j += L) {
-      const V g = load_half(gy + j), kv = load_half(k + j), zv = load_half(z + j);
-      const V xv = HasX ? load_half(x + j) : zv;
+      const V g = load_widened(gy + j), kv = load_widened(k + j), zv = load_widened(z + j);
+      const V xv = HasX ? load_widened(x + j) : zv;
       const V d = g * zv * xv;
       V* dk_v = reinterpret_cast<V*>(dk + j);
       *dk_v = Accumulate ? *dk_v + d : d;
       if constexpr (HasX) {
-        store_half(gz + j, g * kv * xv);
-        store_half(gx + j, g * kv * zv);
+        store_narrowed(gz + j, g * kv * xv);
+        store_narrowed(gx + j, g * kv * zv);
       } else {
-        store_half(gz + j, 2.0f * g * kv * zv);
+        store_narrowed(gz + j, 2.0f * g * kv * zv);
       }
     }
   }
@@ -545,9 +578,9 @@ void load_product(const scalar_t* __restrict__ k, const scalar_t* __restrict__ z
                   SquarePlane<acc_t>& dst) {
   acc_t* __restrict__ out = dst.row(0);
   int64_t e = 0;
-  if constexpr (kHalfVectors<scalar_t>) {
+  if constexpr (kVectorConversion<scalar_t>) {
     for (constexpr int64_t L = kLanes<float>; e + L <= dst.S * dst.S; e += L) {
-      *reinterpret_cast<Vec<float>::type*>(out + e) = load_half(k + e) * load_half(z + e);
+      *reinterpret_cast<Vec<float>::type*>(out + e) = load_widened(k + e) * load_widened(z + e);
     }
   }
   for (; e < dst.S * dst.S; ++e) out[e] = acc_t(k[e]) * acc_t(z[e]);
@@ -576,17 +609,18 @@ void plane_grads(int64_t N, const acc_t* __restrict__ gw, const acc_t* __restric
                  const scalar_t* __restrict__ z, const scalar_t* __restrict__ k,
                  acc_t* __restrict__ gk_sum, scalar_t* __restrict__ gz) {
   int64_t e = 0;
-  if constexpr (kHalfVectors<scalar_t>) {
+  if constexpr (kVectorConversion<scalar_t>) {
     using V = Vec<float>::type;
     for (constexpr int64_t L = kLanes<float>; e + L <= N; e += L) {
       const V gw_v = *reinterpret_cast<const V*>(gw + e);
-      *reinterpret_cast<V*>(gk_sum + e) += gw_v * load_half(z + e);
-      V gz_v = gw_v * load_half(k + e);
+      *reinterpret_cast<V*>(gk_sum + e) += gw_v * load_widened(z + e);
+      V gz_v = gw_v * load_widened(k + e);
       if (gu != nullptr) {
-        in_register<float>(gz_v);  // rounded, then added: float16 was never fused here
+        // float16: rounded, then added, as its tail below; bfloat16 fused like float.
+        if constexpr (kHalfVectors<scalar_t>) in_register<float>(gz_v);
         gz_v += *reinterpret_cast<const V*>(gu + e);
       }
-      store_half(gz + e, gz_v);
+      store_narrowed(gz + e, gz_v);
     }
   }
   for (; e < N; ++e) {
@@ -792,7 +826,7 @@ inline void store_tile(const typename Vec<acc_t>::type (&acc)[R][NV], int64_t i,
         }
         continue;
       }
-      if constexpr (kNarrowVectors<scalar_t> && std::is_same_v<acc_t, float>) {
+      if constexpr (kVectorConversion<scalar_t> && std::is_same_v<acc_t, float>) {
         if (m > 0) store_bits(o + v * L, narrow_bits<scalar_t>(acc[r][v]), m);
         continue;
       }
