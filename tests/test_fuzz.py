@@ -46,8 +46,11 @@ def test_fuzz_sample(worker):
 
     check()
     print(f"fuzz sample on the {worker.backend} backend: {dict(outcomes)}")
-    # The sample exercised both sides: values checked against the reference, bad input rejected.
-    assert outcomes["match"] >= CASES // 5 and outcomes["rejected"] >= CASES // 10, dict(outcomes)
+    # The sample exercised both sides: values checked against the reference, bad input
+    # rejected. On the reference backend the torch.ops entry is skipped (not registered).
+    run = CASES - outcomes["skipped"]
+    assert run >= CASES // 3, dict(outcomes)  # (about a third of the cases use that entry)
+    assert outcomes["match"] >= run // 5 and outcomes["rejected"] >= run // 10, dict(outcomes)
 
 
 def _case(**overrides):

@@ -243,7 +243,7 @@ def test_expanded_input_gradient_is_reduced():
 
 
 @pytest.mark.parametrize("has_x", [True, False])
-@pytest.mark.parametrize("length", [1, 7, 8, 9, 15, 16, 17, 40, 100])
+@pytest.mark.parametrize("length", [*range(1, 18), 40, 100])
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_dot_half_types_round_each_product_once(compiled, dtype, length, has_x):
     """float16 and bfloat16 dot convert whole vectors at a time (F16C; bfloat16 by bit
@@ -272,7 +272,8 @@ def test_dot_half_types_round_each_product_once(compiled, dtype, length, has_x):
     else:
         torch.testing.assert_close(gz, (2 * g * k.float() * z.float()).to(dtype), **exact)
     # gk sums over the batch (possibly with fused multiply-adds): close, not exact.
-    torch.testing.assert_close(gk, (g * z.float() * u).sum(0).to(dtype), rtol=1e-2, atol=1e-3, equal_nan=True)
+    rtol = 2e-3 if dtype == torch.float16 else 1e-2  # (bfloat16 keeps 8 bits)
+    torch.testing.assert_close(gk, (g * z.float() * u).sum(0).to(dtype), rtol=rtol, atol=1e-3, equal_nan=True)
 
 
 # ---- what autograd keeps -------------------------------------------------------------

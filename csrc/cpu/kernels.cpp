@@ -18,7 +18,7 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
-#if defined(__AVX2__) || defined(__AVX512F__) || defined(__F16C__)
+#if defined(__SSE2__) || defined(__AVX2__) || defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -287,20 +287,17 @@ inline void store_narrowed(scalar_t* p, Vec<float>::type v) {
 // (bitwise as one by one), the rest one by one. The bfloat16 rows of the direct
 // convolution were copied value by value before: at B=64, C=36, 28×28 its 3×3 forward
 // took 0.37-0.40 ms against float16's 0.23-0.27 (A/B in docs/PERFORMANCE.md).
+// (A Vec read and written through its pointer, not memcpy: with -mtune=generic, e.g.
+// TERMINATOR_MARCH=x86-64-v3, GCC copied memcpy's 32 bytes through the stack in halves.)
 template <typename From, typename To>
 inline void convert(const From* __restrict__ src, int64_t n, To* __restrict__ dst) {
   int64_t e = 0;
   constexpr int64_t L = kLanes<float>;
   if constexpr (kVectorConversion<From> && std::is_same_v<To, float>) {
-    for (; e + L <= n; e += L) {
-      const Vec<float>::type v = load_widened(src + e);
-      std::memcpy(dst + e, &v, sizeof v);
-    }
+    for (; e + L <= n; e += L) *reinterpret_cast<Vec<float>::type*>(dst + e) = load_widened(src + e);
   } else if constexpr (kVectorConversion<To> && std::is_same_v<From, float>) {
     for (; e + L <= n; e += L) {
-      Vec<float>::type v;
-      std::memcpy(&v, src + e, sizeof v);
-      store_narrowed(dst + e, v);
+      store_narrowed(dst + e, *reinterpret_cast<const Vec<float>::type*>(src + e));
     }
   }
   for (; e < n; ++e) dst[e] = static_cast<To>(src[e]);
