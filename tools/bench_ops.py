@@ -442,8 +442,9 @@ def evaluate_targets(results: list[dict]) -> list[dict]:
     ]
     out = []
     for target, threshold, cases, comparator in rows:
-        measured = [r for r in cases if _ratio(r, comparator) is not None]
-        values = [(_label(r), _ratio(r, comparator)) for r in measured]
+        ratios = [(r, _ratio(r, comparator)) for r in cases]
+        measured = [r for r, v in ratios if v is not None]
+        values = [(_label(r), v) for r, v in ratios if v is not None]
         spreads = [(_label(r), *spread) for r in measured if (spread := _round_spread(r, comparator))]
         if len(spreads) != len(values):  # some results without per-round times: none shown
             spreads = []
