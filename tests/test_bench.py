@@ -26,6 +26,11 @@ def test_bench_ops_tiny(tmp_path):
     for r in data["results"]:
         assert r["fwdbwd"]["ours"] > 0 and r["fwdbwd"]["eager"] > 0
         assert set(r["peak_mb"]) >= {"ours", "eager"}
+    # --report prints the saved run's table and targets again, the same as the run did.
+    report = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_ops.py"), "--report", str(out_json)],
+                            capture_output=True, text=True, timeout=600)
+    assert report.returncode == 0, report.stderr
+    assert report.stdout.split("targets (")[1] == result.stdout.split("targets (")[1].split("wrote ")[0]
 
 
 def test_train_speed_tiny(tmp_path):
@@ -114,6 +119,20 @@ def test_each_target_value_gets_the_spread_of_its_ratio_round_by_round():
     # Results without per-round times (an older JSON) are judged as before, without spreads.
     old = bench.evaluate_targets([_result("matmul", (28, 28), {"ours": 1.0, "eager": 1.6})])
     assert old[4]["target"] == "matmul >= 1.5x eager" and old[4]["met"] is True and old[4]["spreads"] is None
+
+
+def test_a_saved_run_is_judged_as_the_run_itself_judged_it(tmp_path):
+    """JSON turns the spatial tuples the targets select by into lists."""
+    bench = _bench_ops_module()
+    results = [_result("conv", (28, 28), {"ours": 1.0, "eager": 17.0}),
+               _result("conv", (784,), {"ours": 1.0, "eager": 3.0})]
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps({"meta": {}, "results": results}))
+    _, loaded = bench.load_results(saved)
+    conv = "global conv >= 4x eager (2D 28x28, 1D 784)"
+    again = {t["target"]: t for t in bench.evaluate_targets(loaded)}[conv]
+    assert again == {t["target"]: t for t in bench.evaluate_targets(results)}[conv]
+    assert again["values"] == [("28x28", 17.0), ("784", 3.0)] and again["met"] is False
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6])

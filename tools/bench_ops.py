@@ -21,6 +21,7 @@ in the first case of two processes. --default-malloc leaves glibc as it is.
     python tools/bench_ops.py                    # all cases, 2 threads
     python tools/bench_ops.py --only dot --repeats 30
     python tools/bench_ops.py --tiny --json /tmp/b.json   # seconds: the test's smoke run
+    python tools/bench_ops.py --report docs/bench_ops.json  # a saved run's table and targets again
 """
 
 from __future__ import annotations
@@ -346,6 +347,15 @@ HEADER = (f"{'case':<52} {'phase':<6} {'ours ms':>8} {'eager ms':>9} {'comp ms':
           f"{'x eager':>7} {'x comp':>7} {'%copy':>6} {'peak MB ours/eager':>19} {'other':>20}")
 
 
+def load_results(path: Path) -> tuple[dict, list[dict]]:
+    """A saved run's meta and results, its tags as the cases make them (JSON turns the
+    spatial tuples into lists, and the targets select cases by them)."""
+    saved = json.loads(path.read_text())
+    for r in saved["results"]:
+        r["tags"] = {k: tuple(v) if isinstance(v, list) else v for k, v in r["tags"].items()}
+    return saved["meta"], saved["results"]
+
+
 def print_table(results: list[dict], bandwidth: float) -> None:
     print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read+write, 256 MB, at the start; %copy is "
           "against a copy of the same bytes timed in the same rounds)")
@@ -540,7 +550,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave glibc's adaptive mmap and trim thresholds as they are")
     parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--crossover", action="store_true", help="fit algo=auto's direct/FFT crossover")
+    parser.add_argument("--report", type=Path, metavar="JSON",
+                        help="measure nothing: print a saved run's table and its targets judged again")
     args = parser.parse_args(argv)
+    if args.report:
+        meta, results = load_results(args.report)
+        print(f"saved run: {meta.get('date')}, torch {meta.get('torch')}, {meta.get('threads')} threads, "
+              f"backend {meta.get('backend')}")
+        print(f"allocator: {meta.get('allocator')}")
+        print_table(results, meta["copy_bandwidth_GBps"] * 1e9)
+        print_targets(evaluate_targets(results))
+        return 0
 
     torch.set_num_threads(args.threads)
     # Not in the memory worker, whose own allocator settings make its RSS follow the tensors.
