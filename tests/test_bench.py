@@ -85,6 +85,7 @@ def test_the_targets_summary_says_met_only_when_every_case_reaches_its_threshold
     assert targets["per-sample kernels of 3, 5, 9 (2D and 1D) >= 5x eager"]["met"] is False
     auto = targets["algo='auto' within 10 % of the better of direct and fft"]
     assert auto["met"] is False and auto["values"] == [("7@28x28", 0.95), ("3@28x28", 0.9)]  # 0.9 < 1/1.1
+    assert "choices" not in auto  # results of a run that did not record auto's algorithm
     assert targets["global conv >= 4x eager (2D 28x28, 1D 784)"]["met"] is None  # no case
     assert targets["peak memory of forward+backward <= eager"]["met"] is False  # matmul 3 > 2 MB
 
@@ -133,6 +134,34 @@ def test_a_saved_run_is_judged_as_the_run_itself_judged_it(tmp_path):
     again = {t["target"]: t for t in bench.evaluate_targets(loaded)}[conv]
     assert again == {t["target"]: t for t in bench.evaluate_targets(results)}[conv]
     assert again["values"] == [("28x28", 17.0), ("784", 3.0)] and again["met"] is False
+
+
+@pytest.mark.parametrize("spatial, ksize, expected", [((8, 8), 3, "direct"), ((64, 64), 33, "fft")])
+def test_the_algorithm_auto_ran_is_told_by_its_output(spatial, ksize, expected):
+    bench = _bench_ops_module()
+    case = bench._hkconv_case(2, 3, spatial, ksize, shared=False)
+    assert bench.algorithm_run_by_auto(case, case.make()) == expected
+    # A kernel that matches neither (here: eager's) is not taken for either.
+    case.extra["direct"] = case.extra["fft"] = case.ref
+    assert bench.algorithm_run_by_auto(case, case.make()) is None
+
+
+def test_the_auto_target_says_whether_auto_ran_the_faster_algorithm():
+    bench = _bench_ops_module()
+
+    def auto(ksize, direct, fft, ran):
+        return {**_result("hkconv", (28, 28), {"ours": 1.0, "eager": 9.0, "direct": direct, "fft": fft},
+                          ksize=ksize, algo="auto", shared=False), "auto_runs": ran}
+
+    target = "algo='auto' within 10 % of the better of direct and fft"
+    good = {t["target"]: t for t in bench.evaluate_targets([auto(3, 1.0, 4.0, "direct"), auto(9, 3.0, 1.1, "fft")])}
+    assert good[target]["choices"] == [("3@28x28", "direct", "direct"), ("9@28x28", "fft", "fft")]
+    assert bench.describe_auto_choices(good[target]["choices"]).startswith(
+        "auto ran the faster of direct and fft at every size (ran: direct, fft;")
+    bad = {t["target"]: t for t in bench.evaluate_targets([auto(3, 1.0, 4.0, None), auto(9, 3.0, 1.1, "direct")])}
+    line = bench.describe_auto_choices(bad[target]["choices"])
+    assert line.startswith("9@28x28 ran direct, fft faster; not told: 3@28x28 (ran: direct;")
+    assert "choices" not in bad["matmul >= 1.5x eager"]
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6])
