@@ -367,6 +367,16 @@ def load_results(path: Path) -> tuple[dict, list[dict]]:
     return saved["meta"], saved["results"]
 
 
+def print_run(results: list[dict], bandwidth: float, allocator: str | None) -> list[dict]:
+    """What a run prints after measuring (and --report prints again): the allocator, the
+    table and the targets; returns the targets."""
+    print(f"allocator: {allocator}")
+    print_table(results, bandwidth)
+    targets = evaluate_targets(results)
+    print_targets(targets)
+    return targets
+
+
 def print_table(results: list[dict], bandwidth: float) -> None:
     print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read+write, 256 MB, at the start; %copy is "
           "against a copy of the same bytes timed in the same rounds)")
@@ -467,21 +477,20 @@ def evaluate_targets(results: list[dict]) -> list[dict]:
     ]
     out = []
     for target, threshold, cases, comparator in rows:
-        ratios = [(r, _ratio(r, comparator)) for r in cases]
-        measured = [r for r, v in ratios if v is not None]
-        values = [(_label(r), v) for r, v in ratios if v is not None]
-        spreads = [(_label(r), *spread) for r in measured if (spread := _round_spread(r, comparator))]
+        measured = [(r, v) for r in cases if (v := _ratio(r, comparator)) is not None]
+        values = [(_label(r), v) for r, v in measured]
+        spreads = [(_label(r), *spread) for r, _ in measured if (spread := _round_spread(r, comparator))]
         if len(spreads) != len(values):  # some results without per-round times: none shown
             spreads = []
         met = all(v >= threshold for _, v in values) if values else None
         near = [label for label, q1, q3 in spreads if q1 < threshold <= q3]
         out.append({"target": target, "threshold": threshold, "values": values, "met": met,
                     "spreads": spreads or None, "near": near})
-        if comparator is _better_of_direct_and_fft and all("auto_runs" in r for r in measured):
+        if comparator is _better_of_direct_and_fft and all("auto_runs" in r for r, _ in measured):
             # auto runs one of the two kernels it is timed against, so its ratio is partly
             # one kernel timed twice; the algorithm it ran tells whether it chose well.
-            out[-1]["choices"] = [(_label(r), r.get("auto_runs"), _faster_of_direct_and_fft(r["fwdbwd"]))
-                                  for r in measured]
+            out[-1]["choices"] = [(_label(r), r["auto_runs"], _faster_of_direct_and_fft(r["fwdbwd"]))
+                                  for r, _ in measured]
     # Peak memory: ours <= eager, in MB (a ratio would divide by a 0 MB peak on tiny shapes).
     peaks = [(r["name"], r["peak_mb"]["ours"], r["peak_mb"]["eager"]) for r in results
              if r.get("peak_mb", {}).get("ours") is not None and r["peak_mb"].get("eager") is not None]
@@ -589,9 +598,7 @@ def main(argv: list[str] | None = None) -> int:
         meta, results = load_results(args.report)
         print(f"saved run: {meta.get('date')}, torch {meta.get('torch')}, {meta.get('threads')} threads, "
               f"backend {meta.get('backend')}")
-        print(f"allocator: {meta.get('allocator')}")
-        print_table(results, meta["copy_bandwidth_GBps"] * 1e9)
-        print_targets(evaluate_targets(results))
+        print_run(results, meta["copy_bandwidth_GBps"] * 1e9, meta.get("allocator"))
         return 0
 
     torch.set_num_threads(args.threads)
@@ -617,10 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         peaks = measure_memory(worker_argv)
         for r in results:
             r["peak_mb"] = peaks[r["name"]]
-    print(f"allocator: {allocator}")
-    print_table(results, bandwidth)
-    targets = evaluate_targets(results)
-    print_targets(targets)
+    targets = print_run(results, bandwidth, allocator)
     meta = {
         "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "threads": args.threads,
         "torch": torch.__version__, "backend": str(terminator.ops.backend()), "repeats": args.repeats,
