@@ -235,7 +235,6 @@ constexpr bool kVectorConversion = kHalfVectors<scalar_t> || std::is_same_v<scal
 // convert. Value by value before: A/B at B=64, C=36, 28×28, cold, float16 3×3 forward
 // 0.63 -> 0.27 ms, backward 1.02 -> 0.59; bfloat16 0.50 -> 0.39, 0.81 -> 0.72; 7×7
 // 10-30 % faster; bitwise the same.
-
 // bfloat16: rounded to nearest even, NaN as 0x7FC0, as c10's round_to_nearest_even;
 // float16: the F16C conversion (half_bits).
 template <typename scalar_t>
