@@ -2,6 +2,7 @@
 
 import collections
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -144,6 +145,62 @@ def test_the_algorithm_auto_ran_is_told_by_its_output(spatial, ksize, expected):
     # A kernel that matches neither (here: eager's) is not taken for either.
     case.extra["direct"] = case.extra["fft"] = case.ref
     assert bench.algorithm_run_by_auto(case, case.make()) is None
+
+
+# Sizes where the tenth session's `--crossover` runs measured a clear winner (forward +
+# backward, B=64, C=36; 16 at 64×64): 28×28 K=28 (a global conv's kernel) direct 24.5-29.5
+# ms against fft 36.8-40.6; 64×64 K=21 direct 15.8-17.6 against 25.6-28.2, K=41 fft
+# 29.9-31.3 against 56.7-60.1; L=784 K=127 direct 6.8-7.3 against 8.8-9.8, K=255 fft
+# 10.0-10.9 against 12.8-14.3. The constants before it ran fft at 28×28 K=28 and direct at
+# L=784 K=255.
+@pytest.mark.parametrize("spatial, ksize, faster", [((28, 28), 28, "direct"), ((64, 64), 21, "direct"),
+                                                    ((64, 64), 41, "fft"), ((784,), 127, "direct"),
+                                                    ((784,), 255, "fft")])
+def test_auto_runs_the_algorithm_measured_faster_on_this_machine(spatial, ksize, faster):
+    bench = _bench_ops_module()
+    case = bench._hkconv_case(2, 3, spatial, ksize, shared=False)
+    assert bench.algorithm_run_by_auto(case, case.make()) == faster
+
+
+def test_fft_sizes_are_the_smallest_even_ones_with_factors_2_3_5_7():
+    bench = _bench_ops_module()
+
+    def smooth(n):
+        for p in (2, 3, 5, 7):
+            while n % p == 0:
+                n //= p
+        return n == 1
+
+    assert [bench.good_fft_size(m) for m in (0, 1, 2, 33, 35, 74, 911)] == [1, 1, 2, 36, 36, 80, 960]
+    for m in range(2, 3000):
+        n = bench.good_fft_size(m)
+        assert n >= m and n % 2 == 0 and smooth(n)
+        assert not any(c % 2 == 0 and smooth(c) for c in range(m, n))
+
+
+def test_the_crossover_fit_keeps_1d_and_2d_apart_and_uses_the_pairs_near_the_crossover():
+    bench = _bench_ops_module()
+    # 28×28, K=28: 784·784 multiply-adds against 42² padded points.
+    assert bench.fft_cost_constant((28, 28), 28, 1.0, 1.0) == pytest.approx(784 * 784 / (42**2 * math.log2(42**2 + 1)))
+
+    def row(spatial, direct, fft, constant):
+        return {"spatial": spatial, "direct": direct, "fft": fft, "constant": constant}
+
+    rows = [row((28, 28), 1.0, 20.0, 5.0), row((28, 28), 2.0, 3.0, 40.0), row((28, 28), 3.0, 2.0, 38.0),
+            row((784,), 1.0, 1.5, 17.0), row((784,), 2.0, 1.0, 19.0), row((784,), 1.0, 9.0, 3.0)]
+    assert bench.fit_fft_cost(rows) == {1: 18.0, 2: 39.0}
+    # With no pair near the crossover, the median of all.
+    assert bench.fit_fft_cost([row((64, 64), 1.0, 10.0, 4.0), row((64, 64), 1.0, 20.0, 6.0)]) == {2: 5.0}
+
+
+def test_crossover_tiny(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench_ops.py"), "--crossover", "--tiny", "--repeats", "3",
+         "--warmup", "1", "--budget", "1"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "kFftCostPerPoint1d" in result.stdout and "kFftCostPerPoint2d" in result.stdout
 
 
 def test_the_auto_target_says_whether_auto_ran_the_faster_algorithm():

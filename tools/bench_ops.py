@@ -29,7 +29,9 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
+import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -530,50 +532,72 @@ def describe_auto_choices(choices: list[tuple[str, str | None, str]]) -> str:
     return f"{line} (ran: {', '.join(ran) or 'unknown'}; told by its output, bitwise)"
 
 
-def measure_crossover(args) -> None:
-    """Fits kFftCostPerPoint of csrc/cpu/kernels.cpp: time direct and fft (forward +
-    backward, per-sample kernels) over kernel sizes; for each pair the constant that
-    would make the cost model's ratio equal the measured one is
-    (t_fft / t_direct) · H·W·Kh·Kw / (n·log2 n); prints each and the median over the
-    pairs within 3x of each other (near the crossover, where the choice matters; the
-    model's fixed costs skew the constant far from it), or over all if none are."""
-    import math
+def good_fft_size(m: int) -> int:
+    """csrc/common.h good_fft_size: the smallest even n >= m with factors 2, 3, 5, 7 only."""
+    if m <= 1:
+        return 1
+    n = m + m % 2
+    while True:
+        rest = n
+        for p in (2, 3, 5, 7):
+            while rest % p == 0:
+                rest //= p
+        if rest == 1:
+            return n
+        n += 2
 
-    def padded(size: int, k: int) -> int:
-        """csrc/common.h good_fft_size(size + ⌈(k−1)/2⌉): factors 2, 3, 5, 7 only."""
-        n = size + k - 1 - (k - 1) // 2
-        while True:
-            rest = n
-            for p in (2, 3, 5, 7):
-                while rest % p == 0:
-                    rest //= p
-            if rest == 1:
-                return n
-            n += 1
 
-    constants, near = [], []
-    shapes = [((28, 28), (3, 7, 11, 15, 19, 23, 27)), ((64, 64), (5, 13, 21, 29, 41, 53, 63)),
-              ((784,), (9, 63, 127, 255, 511, 783))]
-    for spatial, sizes in shapes:
+def fft_cost_constant(spatial: tuple[int, ...], ksize: int, t_direct: float, t_fft: float) -> float:
+    """The kFftCostPerPoint that would make csrc/cpu/kernels.cpp's cost model (direct
+    H·W·Kh·Kw against the constant times n·log2 n for n padded points) predict the
+    measured time ratio of fft to direct."""
+    kernel = [min(ksize, s) for s in spatial]
+    work = math.prod(spatial) * math.prod(kernel)
+    points = math.prod(1 if s == 1 else good_fft_size(s + kk - 1 - (kk - 1) // 2) for s, kk in zip(spatial, kernel))
+    return t_fft / t_direct * work / (points * math.log2(points + 1))
+
+
+def fit_fft_cost(rows: list[dict]) -> dict[int, float]:
+    """Per number of spatial dims, the median constant over the pairs whose times are
+    within 3x of each other (near the crossover, where the choice matters; the model's
+    fixed costs skew the constant far from it), or over all of that dimension's pairs."""
+    fitted = {}
+    for dims in sorted({len(r["spatial"]) for r in rows}):
+        mine = [r for r in rows if len(r["spatial"]) == dims]
+        near = [r["constant"] for r in mine if 1 / 3 <= r["fft"] / r["direct"] <= 3]
+        fitted[dims] = statistics.median(near or [r["constant"] for r in mine])
+    return fitted
+
+
+def crossover_shapes(tiny: bool) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(spatial size, kernel sizes): up to the input size, as large as a global conv's."""
+    if tiny:
+        return [((8, 8), (3, 8)), ((16,), (3, 16))]
+    return [((28, 28), (3, 7, 11, 15, 19, 23, 27, 28)), ((64, 64), (5, 13, 21, 29, 41, 53, 63, 64)),
+            ((784,), (9, 63, 127, 255, 511, 783, 784))]
+
+
+def measure_crossover(args) -> dict[int, float]:
+    """Fits kFftCostPerPoint1d / 2d of csrc/cpu/kernels.cpp: direct and fft, forward +
+    backward, per-sample kernels, timed in the same rounds at each kernel size; prints
+    each pair's constant (fft_cost_constant) and the fit per dimension (fit_fft_cost)."""
+    rows = []
+    for spatial, sizes in crossover_shapes(args.tiny):
+        batch = 2 if args.tiny else 16 if len(spatial) == 2 and spatial[0] >= 64 else 64
         for k in sizes:
-            times = {}
+            impls = {}
             for algo in ("direct", "fft"):
-                case = _hkconv_case(64 if len(spatial) == 1 or spatial[0] < 64 else 16, 36, spatial, k,
-                                    shared=False, algo=algo)
-                inputs = case.make()
-                times[algo] = time_interleaved({algo: lambda: _fwdbwd(case.ours, inputs)}, args.repeats,
-                                               args.warmup, args.budget)[algo]
-            kernel = [min(k, s) for s in spatial]
-            work = math.prod(spatial) * math.prod(kernel)
-            points = math.prod(1 if s == 1 else padded(s, kk) for s, kk in zip(spatial, kernel))
-            c = times["fft"] / times["direct"] * work / (points * math.log2(points + 1))
-            constants.append(c)
-            if 1 / 3 <= times["fft"] / times["direct"] <= 3:
-                near.append(c)
+                case = _hkconv_case(batch, 4 if args.tiny else 36, spatial, k, shared=False, algo=algo)
+                impls[algo] = functools.partial(_fwdbwd, case.ours, case.make())
+            times = time_interleaved(impls, args.repeats, args.warmup, args.budget)
+            rows.append({"spatial": spatial, "ksize": k, **times,
+                         "constant": fft_cost_constant(spatial, k, times["direct"], times["fft"])})
             print(f"{'x'.join(map(str, spatial)):>6} K={k:<4} direct {times['direct'] * 1e3:8.2f} ms  "
-                  f"fft {times['fft'] * 1e3:8.2f} ms  -> constant {c:6.2f}")
-    print(f"kFftCostPerPoint (median of {len(near) or len(constants)} pairs): "
-          f"{statistics.median(near or constants):.2f}")
+                  f"fft {times['fft'] * 1e3:8.2f} ms  -> constant {rows[-1]['constant']:6.2f}")
+    fitted = fit_fft_cost(rows)
+    for dims, constant in fitted.items():
+        print(f"kFftCostPerPoint{dims}d: {constant:.2f}")
+    return fitted
 
 
 def main(argv: list[str] | None = None) -> int:

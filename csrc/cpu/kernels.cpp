@@ -1367,22 +1367,31 @@ std::tuple<at::Tensor, at::Tensor> conv_direct_backward(const at::Tensor& gy, co
   return {gx, gw};
 }
 
-// algo="auto": direct costs H·W·Kh·Kw multiply-adds per plane, the FFT path
-// about kFftCostPerPoint · n·log2(n) for n padded points (five transforms for
-// forward + backward, plus padding and products). The constant is from
-// `python tools/bench_ops.py --crossover` (forward + backward, per-sample kernels,
-// 28×28 K 3..27, 64×64 K 5..63, L=784 K 9..783; 2 threads) on the 2-core development
-// machine, 2026-11-22, after the direct kernels were vectorized: the median over the
-// 13 pairs within 3x of each other, 28.1 (those pairs' values 12.6..42). The direct
-// path wins up to about 19×19 at 28×28, 21×21 at 64×64 and K=255 at L=784.
-constexpr double kFftCostPerPoint = 28.0;
+// algo="auto": direct costs H·W·Kh·Kw multiply-adds per plane, the FFT path about
+// kFftCostPerPoint · n·log2(n) for n padded points (five transforms for forward +
+// backward, plus padding and products), with one constant for 1D planes (H = 1) and
+// one for 2D: the kernels and transforms differ, and one constant for both put 1D's
+// crossover at K ≈ 410 at L=784 where FFT is faster from K ≈ 200 (K=255: 10.1 against
+// 13.0 ms). The constants are from `python tools/bench_ops.py --crossover --repeats 21
+// --budget 6 --warmup 2` (forward + backward, per-sample kernels, direct and fft timed
+// in the same rounds; 28×28 K 3..28, 64×64 K 5..64, L=784 K 9..784; 2 threads) on the
+// 2-core development machine, tenth session, with even FFT sizes (common.h): the
+// median over each dimension's pairs within 3x of each other, 2D 39.7 and 39.6, 1D
+// 17.0 and 17.9 in two runs. auto then runs direct at every K at 28×28 (K=28: direct
+// 24.5-29.5 ms, fft 36.8-40.6), up to K=28 at 64×64 and K=187 at L=784. The single
+// constant before (28, fitted in the fourth session) had gone stale as the direct
+// kernels got faster: it ran the FFT at 28×28 for K = 25, 27, 28 (1.4-1.5x slower at
+// K=28, a global conv's kernel) and direct at L=784 up to K=339 (1.3x slower at 255).
+constexpr double kFftCostPerPoint1d = 17.0;
+constexpr double kFftCostPerPoint2d = 40.0;
 
 bool prefer_fft(int64_t H, int64_t W, int64_t Kh, int64_t Kw) {
   const int64_t nh = H == 1 ? 1 : good_fft_size(H + Kh - 1 - same_pad_before(Kh));
   const int64_t nw = good_fft_size(W + Kw - 1 - same_pad_before(Kw));
   const double points = double(nh) * double(nw);
   const double direct = double(H) * double(W) * double(Kh) * double(Kw);
-  return kFftCostPerPoint * points * std::log2(points + 1.0) < direct;
+  const double per_point = H == 1 ? kFftCostPerPoint1d : kFftCostPerPoint2d;
+  return per_point * points * std::log2(points + 1.0) < direct;
 }
 
 struct CpuKernels {
