@@ -14,8 +14,9 @@
 //   static at::Tensor conv_direct_forward(x, w);
 //   static std::tuple<Tensor, Tensor> conv_direct_backward(grad_y, x, w);
 //       // -> (grad_x (B, C, H, W), grad_w like w)
-//   // algo="auto": whether the FFT path beats the direct kernel on this device.
-//   static bool prefer_fft(int64_t H, int64_t W, int64_t Kh, int64_t Kw);
+//   // algo="auto": whether the FFT path beats the direct kernel on this device, for
+//   // planes (H, W) and kernels (Kh, Kw), one kernel for the whole batch or one per sample.
+//   static bool prefer_fft(int64_t H, int64_t W, int64_t Kh, int64_t Kw, bool shared_kernel);
 //
 // cpu/kernels.cpp and cuda/kernels.cu instantiate these templates.
 #pragma once
@@ -48,11 +49,19 @@ inline at::Tensor kernel_grad_like(const at::Tensor& grad_planes, const at::Tens
 
 template <class Kernels>
 struct Ops {
+  // w4 (Bk, C, Kh, Kw): Bk = 1 is one kernel for the whole batch, which the FFT path
+  // transforms once per channel rather than once per plane.
   static bool use_fft(ConvAlgo algo, const at::Tensor& x4, const at::Tensor& w4) {
     if (algo == ConvAlgo::Auto) {
-      return Kernels::prefer_fft(x4.size(2), x4.size(3), w4.size(2), w4.size(3));
+      return Kernels::prefer_fft(x4.size(2), x4.size(3), w4.size(2), w4.size(3), w4.size(0) == 1);
     }
     return algo == ConvAlgo::Fft;
+  }
+
+  // mode="conv": Ŵ = k ⊙ z differs per sample even when k is shared.
+  static bool global_conv_uses_fft(const at::Tensor& u4) {
+    const int64_t H = u4.size(2), W = u4.size(3);
+    return Kernels::prefer_fft(H, W, H, W, /*shared_kernel=*/false);
   }
 
   // ---- hyperkernel_conv ---------------------------------------------------
@@ -112,7 +121,7 @@ struct Ops {
       case GlobalMode::Conv: {
         const auto& u4 = x4.defined() ? x4 : z4;  // what Ŵ acts on
         // The FFT path forms Ŵ = k ⊙ z while padding; the direct kernel needs it whole.
-        auto y4 = use_fft(ConvAlgo::Auto, u4, k4) ? conv_fft_forward(u4, k4, z4)
+        auto y4 = global_conv_uses_fft(u4) ? conv_fft_forward(u4, k4, z4)
                                                   : Kernels::conv_direct_forward(u4, k4 * z4);
         return y4.view(z.sizes());
       }
@@ -146,7 +155,7 @@ struct Ops {
       // chain rule through the elementwise product.
       const auto dtype = compute_dtype(z.scalar_type());
       const auto u4 = x4.defined() ? x4 : z4;  // what Ŵ acts on
-      auto [g_u, g_what] = use_fft(ConvAlgo::Auto, u4, k4)
+      auto [g_u, g_what] = global_conv_uses_fft(u4)
                                ? conv_fft_backward(gy4, u4, k4, z4)
                                : conv_planes_backward(gy4, u4, k4 * z4, ConvAlgo::Direct);
       std::tie(gk, gz, gx) =

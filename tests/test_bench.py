@@ -1,6 +1,7 @@
 """The op benchmark runs end to end on tiny shapes (untimed: it only must not rot)."""
 
 import collections
+import functools
 import json
 import math
 import subprocess
@@ -148,17 +149,24 @@ def test_the_algorithm_auto_ran_is_told_by_its_output(spatial, ksize, expected):
 
 
 # Sizes where the tenth session's `--crossover` runs measured a clear winner (forward +
-# backward, B=64, C=36; 16 at 64×64): 28×28 K=28 (a global conv's kernel) direct 24.5-29.5
-# ms against fft 36.8-40.6; 64×64 K=21 direct 15.8-17.6 against 25.6-28.2, K=41 fft
-# 29.9-31.3 against 56.7-60.1; L=784 K=127 direct 6.8-7.3 against 8.8-9.8, K=255 fft
-# 10.0-10.9 against 12.8-14.3. The constants before it ran fft at 28×28 K=28 and direct at
-# L=784 K=255.
-@pytest.mark.parametrize("spatial, ksize, faster", [((28, 28), 28, "direct"), ((64, 64), 21, "direct"),
-                                                    ((64, 64), 41, "fft"), ((784,), 127, "direct"),
-                                                    ((784,), 255, "fft")])
-def test_auto_runs_the_algorithm_measured_faster_on_this_machine(spatial, ksize, faster):
+# backward, ms, B=64, C=36; 16 at 64×64; two to four runs each). Per-sample kernels: 28×28
+# K=28 (a global conv's kernel) direct 24.5-29.6 against fft 36.8-42.4; 64×64 K=21 direct
+# 15.8-18.4 against 25.6-30.2, K=41 fft 29.9-33.5 against 56.7-61.0; L=784 K=191 direct
+# 11.2-11.3 against 12.6-13.6, K=255 fft 10.0-11.8 against 12.8-14.3. Shared kernels:
+# 28×28 K=23 direct 18.7-20.1 against 23.2-24.7; 64×64 K=25 fft 19.4-20.4 against
+# 24.3-24.5; L=784 K=161 fft 7.1-7.7 against 9.4. The single constant before ran fft at
+# 28×28 K=28 and direct at L=784 K=255, 64×64 K=25 (shared) and L=784 K=161 (shared).
+@pytest.mark.parametrize("kernel, spatial, ksize, faster", [
+    ("per-sample", (28, 28), 28, "direct"), ("per-sample", (64, 64), 21, "direct"),
+    ("per-sample", (64, 64), 41, "fft"), ("per-sample", (784,), 191, "direct"),
+    ("per-sample", (784,), 255, "fft"), ("shared", (28, 28), 23, "direct"),
+    ("shared", (64, 64), 25, "fft"), ("shared", (784,), 161, "fft"),
+])
+def test_auto_runs_the_algorithm_measured_faster_on_this_machine(kernel, spatial, ksize, faster):
     bench = _bench_ops_module()
-    case = bench._hkconv_case(2, 3, spatial, ksize, shared=False)
+    case = bench._hkconv_case(2, 3, spatial, ksize, shared=kernel == "shared")
+    for other in ("direct", "fft"):  # a shared case compares with F.conv, not the algorithms
+        case.extra[other] = functools.partial(bench.terminator.ops.hyperkernel_conv, algo=other)
     assert bench.algorithm_run_by_auto(case, case.make()) == faster
 
 
@@ -178,19 +186,29 @@ def test_fft_sizes_are_the_smallest_even_ones_with_factors_2_3_5_7():
         assert not any(c % 2 == 0 and smooth(c) for c in range(m, n))
 
 
-def test_the_crossover_fit_keeps_1d_and_2d_apart_and_uses_the_pairs_near_the_crossover():
+def test_the_crossover_fit_keeps_kinds_and_dims_apart_and_uses_the_pairs_near_the_crossover():
     bench = _bench_ops_module()
     # 28×28, K=28: 784·784 multiply-adds against 42² padded points.
-    assert bench.fft_cost_constant((28, 28), 28, 1.0, 1.0) == pytest.approx(784 * 784 / (42**2 * math.log2(42**2 + 1)))
+    assert bench.indifference_constant((28, 28), 28) == pytest.approx(784 * 784 / (42**2 * math.log2(42**2 + 1)))
 
-    def row(spatial, direct, fft, constant):
-        return {"spatial": spatial, "direct": direct, "fft": fft, "constant": constant}
+    def row(kernel, spatial, direct, fft, indifferent):
+        return {"kernel": kernel, "spatial": spatial, "direct": direct, "fft": fft, "indifferent": indifferent}
 
-    rows = [row((28, 28), 1.0, 20.0, 5.0), row((28, 28), 2.0, 3.0, 40.0), row((28, 28), 3.0, 2.0, 38.0),
-            row((784,), 1.0, 1.5, 17.0), row((784,), 2.0, 1.0, 19.0), row((784,), 1.0, 9.0, 3.0)]
-    assert bench.fit_fft_cost(rows) == {1: 18.0, 2: 39.0}
+    # Implied constants (indifferent · fft / direct): 2D 2, 40, 38 (the first far from the
+    # crossover: left out); 1D 15, 19, 1.
+    rows = [row("per-sample", (28, 28), 1.0, 20.0, 0.1), row("per-sample", (28, 28), 2.0, 3.0, 80 / 3),
+            row("per-sample", (28, 28), 3.0, 2.0, 57.0), row("per-sample", (784,), 1.0, 1.5, 10.0),
+            row("per-sample", (784,), 2.0, 1.0, 38.0), row("per-sample", (784,), 1.0, 9.0, 1 / 9),
+            row("shared", (784,), 1.0, 2.0, 6.0)]
+    fitted = bench.fit_fft_cost(rows)
+    assert fitted == {("per-sample", 1): pytest.approx(17.0), ("per-sample", 2): pytest.approx(39.0),
+                      ("shared", 1): pytest.approx(12.0)}
     # With no pair near the crossover, the median of all.
-    assert bench.fit_fft_cost([row((64, 64), 1.0, 10.0, 4.0), row((64, 64), 1.0, 20.0, 6.0)]) == {2: 5.0}
+    far = [row("shared", (64, 64), 1.0, 10.0, 0.4), row("shared", (64, 64), 1.0, 20.0, 0.3)]
+    assert bench.fit_fft_cost(far) == {("shared", 2): pytest.approx(5.0)}
+    # time_lost: a constant below a pair's indifference runs its FFT.
+    assert bench.time_lost(rows[:3], 39.0) == pytest.approx(0.0)
+    assert bench.time_lost(rows[:3], 60.0) == pytest.approx(0.5)  # the third ran direct: 3 against 2
 
 
 def test_crossover_tiny(tmp_path):
@@ -200,7 +218,9 @@ def test_crossover_tiny(tmp_path):
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr
-    assert "kFftCostPerPoint1d" in result.stdout and "kFftCostPerPoint2d" in result.stdout
+    for kernel in ("per-sample", "shared"):
+        for dims in (1, 2):
+            assert f"kFftCostPerPoint, {kernel} kernels, {dims}D: " in result.stdout
 
 
 def test_the_auto_target_says_whether_auto_ran_the_faster_algorithm():

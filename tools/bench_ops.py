@@ -547,25 +547,37 @@ def good_fft_size(m: int) -> int:
         n += 2
 
 
-def fft_cost_constant(spatial: tuple[int, ...], ksize: int, t_direct: float, t_fft: float) -> float:
-    """The kFftCostPerPoint that would make csrc/cpu/kernels.cpp's cost model (direct
-    H·W·Kh·Kw against the constant times n·log2 n for n padded points) predict the
-    measured time ratio of fft to direct."""
+def indifference_constant(spatial: tuple[int, ...], ksize: int) -> float:
+    """The kFftCostPerPoint at which csrc/cpu/kernels.cpp's cost model (direct H·W·Kh·Kw
+    against the constant times n·log2 n for n padded points) costs both algorithms the
+    same: below it, algo="auto" runs the FFT."""
     kernel = [min(ksize, s) for s in spatial]
     work = math.prod(spatial) * math.prod(kernel)
     points = math.prod(1 if s == 1 else good_fft_size(s + kk - 1 - (kk - 1) // 2) for s, kk in zip(spatial, kernel))
-    return t_fft / t_direct * work / (points * math.log2(points + 1))
+    return work / (points * math.log2(points + 1))
 
 
-def fit_fft_cost(rows: list[dict]) -> dict[int, float]:
-    """Per number of spatial dims, the median constant over the pairs whose times are
-    within 3x of each other (near the crossover, where the choice matters; the model's
-    fixed costs skew the constant far from it), or over all of that dimension's pairs."""
+def time_lost(rows: list[dict], constant: float) -> float:
+    """How much slower than the faster algorithm the model's choices with this constant
+    run, summed over the measured pairs (each pair's excess relative to its faster time)."""
+    return sum((r["fft"] if constant < r["indifferent"] else r["direct"]) / min(r["fft"], r["direct"]) - 1
+               for r in rows)
+
+
+def fit_fft_cost(rows: list[dict]) -> dict[tuple[str, int], float]:
+    """Per kind of kernel ("per-sample", "shared") and number of spatial dims, the median
+    over the pairs whose times are within 3x of each other (near the crossover, where the
+    choice matters; the model's fixed costs skew the constant far from it), or over all of
+    the group's pairs, of the constant that would make the model's cost ratio equal the
+    measured one: the indifference constant times t_fft / t_direct. (The constant whose
+    choices lose the least time, time_lost, is a whole range between two measured kernel
+    sizes, as wide as the grid is coarse; this median places the constant inside it.)"""
     fitted = {}
-    for dims in sorted({len(r["spatial"]) for r in rows}):
-        mine = [r for r in rows if len(r["spatial"]) == dims]
-        near = [r["constant"] for r in mine if 1 / 3 <= r["fft"] / r["direct"] <= 3]
-        fitted[dims] = statistics.median(near or [r["constant"] for r in mine])
+    for group in sorted({(r["kernel"], len(r["spatial"])) for r in rows}):
+        mine = [r for r in rows if (r["kernel"], len(r["spatial"])) == group]
+        implied = {id(r): r["indifferent"] * r["fft"] / r["direct"] for r in mine}
+        near = [implied[id(r)] for r in mine if 1 / 3 <= r["fft"] / r["direct"] <= 3]
+        fitted[group] = statistics.median(near or implied.values())
     return fitted
 
 
@@ -577,26 +589,32 @@ def crossover_shapes(tiny: bool) -> list[tuple[tuple[int, ...], tuple[int, ...]]
             ((784,), (9, 63, 127, 255, 511, 783, 784))]
 
 
-def measure_crossover(args) -> dict[int, float]:
-    """Fits kFftCostPerPoint1d / 2d of csrc/cpu/kernels.cpp: direct and fft, forward +
-    backward, per-sample kernels, timed in the same rounds at each kernel size; prints
-    each pair's constant (fft_cost_constant) and the fit per dimension (fit_fft_cost)."""
+def measure_crossover(args) -> dict[tuple[str, int], float]:
+    """Fits kFftCostPerPoint of csrc/cpu/kernels.cpp: direct and fft, forward + backward,
+    per-sample and shared kernels, timed in the same rounds at each kernel size; prints
+    each pair with the constant at which the model is indifferent between them
+    (indifference_constant), and the fit per kind and dimension (fit_fft_cost)."""
     rows = []
-    for spatial, sizes in crossover_shapes(args.tiny):
-        batch = 2 if args.tiny else 16 if len(spatial) == 2 and spatial[0] >= 64 else 64
-        for k in sizes:
-            impls = {}
-            for algo in ("direct", "fft"):
-                case = _hkconv_case(batch, 4 if args.tiny else 36, spatial, k, shared=False, algo=algo)
-                impls[algo] = functools.partial(_fwdbwd, case.ours, case.make())
-            times = time_interleaved(impls, args.repeats, args.warmup, args.budget)
-            rows.append({"spatial": spatial, "ksize": k, **times,
-                         "constant": fft_cost_constant(spatial, k, times["direct"], times["fft"])})
-            print(f"{'x'.join(map(str, spatial)):>6} K={k:<4} direct {times['direct'] * 1e3:8.2f} ms  "
-                  f"fft {times['fft'] * 1e3:8.2f} ms  -> constant {rows[-1]['constant']:6.2f}")
+    for kernel in ("per-sample", "shared"):
+        for spatial, sizes in crossover_shapes(args.tiny):
+            batch = 2 if args.tiny else 16 if len(spatial) == 2 and spatial[0] >= 64 else 64
+            for k in sizes:
+                impls = {}
+                for algo in ("direct", "fft"):
+                    case = _hkconv_case(batch, 4 if args.tiny else 36, spatial, k, shared=kernel == "shared",
+                                        algo=algo)
+                    impls[algo] = functools.partial(_fwdbwd, case.ours, case.make())
+                times = time_interleaved(impls, args.repeats, args.warmup, args.budget)
+                rows.append({"kernel": kernel, "spatial": spatial, "ksize": k, **times,
+                             "indifferent": indifference_constant(spatial, k)})
+                print(f"{kernel:>10} {'x'.join(map(str, spatial)):>6} K={k:<4} direct {times['direct'] * 1e3:8.2f} ms"
+                      f"  fft {times['fft'] * 1e3:8.2f} ms  (the model is indifferent at {rows[-1]['indifferent']:6.2f})",
+                      flush=True)
     fitted = fit_fft_cost(rows)
-    for dims, constant in fitted.items():
-        print(f"kFftCostPerPoint{dims}d: {constant:.2f}")
+    for (kernel, dims), constant in fitted.items():
+        mine = [r for r in rows if (r["kernel"], len(r["spatial"])) == (kernel, dims)]
+        print(f"kFftCostPerPoint, {kernel} kernels, {dims}D: {constant:.2f} "
+              f"(time lost to wrong choices: {100 * time_lost(mine, constant):.0f} % of a pair's time, summed)")
     return fitted
 
 

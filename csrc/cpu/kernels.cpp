@@ -1369,28 +1369,33 @@ std::tuple<at::Tensor, at::Tensor> conv_direct_backward(const at::Tensor& gy, co
 
 // algo="auto": direct costs H·W·Kh·Kw multiply-adds per plane, the FFT path about
 // kFftCostPerPoint · n·log2(n) for n padded points (five transforms for forward +
-// backward, plus padding and products), with one constant for 1D planes (H = 1) and
-// one for 2D: the kernels and transforms differ, and one constant for both put 1D's
-// crossover at K ≈ 410 at L=784 where FFT is faster from K ≈ 200 (K=255: 10.1 against
-// 13.0 ms). The constants are from `python tools/bench_ops.py --crossover --repeats 21
-// --budget 6 --warmup 2` (forward + backward, per-sample kernels, direct and fft timed
-// in the same rounds; 28×28 K 3..28, 64×64 K 5..64, L=784 K 9..784; 2 threads) on the
-// 2-core development machine, tenth session, with even FFT sizes (common.h): the
-// median over each dimension's pairs within 3x of each other, 2D 39.7 and 39.6, 1D
-// 17.0 and 17.9 in two runs. auto then runs direct at every K at 28×28 (K=28: direct
-// 24.5-29.5 ms, fft 36.8-40.6), up to K=28 at 64×64 and K=187 at L=784. The single
-// constant before (28, fitted in the fourth session) had gone stale as the direct
-// kernels got faster: it ran the FFT at 28×28 for K = 25, 27, 28 (1.4-1.5x slower at
-// K=28, a global conv's kernel) and direct at L=784 up to K=339 (1.3x slower at 255).
-constexpr double kFftCostPerPoint1d = 17.0;
-constexpr double kFftCostPerPoint2d = 40.0;
+// backward, plus padding and products), with one constant for each kind of kernel and
+// dimensionality: a kernel shared by the batch is transformed once per channel, not once
+// per plane, and 1D's direct kernel and transforms cost differently per point (one
+// constant fitted to all, 33-34, put 1D's crossover at K ≈ 410 at L=784, where the FFT
+// is faster from between K=191 and 255). The constants are from `python tools/bench_ops.py --crossover --repeats 21
+// --budget 6 --warmup 2` (forward + backward, direct and fft timed in the same rounds;
+// per-sample and shared kernels at 28×28 K 3..28, 64×64 K 5..64, L=784 K 9..784; 2
+// threads) on the 2-core development machine, tenth session, with even FFT sizes
+// (common.h): per group, the median over the pairs within 3x of each other of the
+// constant that reproduces the measured time ratio. Per-sample 2D 39.7, 39.6, 41.0, 40.3
+// and 1D 17.0, 17.9, 18.2, 18.5 in four runs; shared 2D 28.4, 28.1 and 1D 13.3, 12.9 in
+// two. With them auto ran the faster algorithm at every measured size but two, shared
+// 28×28 K=27 and 28, where direct was 2-9 % faster. The single constant before (28,
+// fitted in the fourth session on per-sample kernels) had gone stale as the direct
+// kernels got faster: it ran the FFT for the 28×28 global conv (K=28), 1.4-1.5x slower
+// than direct, and direct at L=784 up to K=339, 1.3x slower at K=255.
+constexpr double kFftCostPerPoint[2][2] = {
+    {18.0, 40.0},  // per-sample kernels: 1D, 2D
+    {13.0, 28.0},  // shared kernels: 1D, 2D
+};
 
-bool prefer_fft(int64_t H, int64_t W, int64_t Kh, int64_t Kw) {
+bool prefer_fft(int64_t H, int64_t W, int64_t Kh, int64_t Kw, bool shared_kernel) {
   const int64_t nh = H == 1 ? 1 : good_fft_size(H + Kh - 1 - same_pad_before(Kh));
   const int64_t nw = good_fft_size(W + Kw - 1 - same_pad_before(Kw));
   const double points = double(nh) * double(nw);
   const double direct = double(H) * double(W) * double(Kh) * double(Kw);
-  const double per_point = H == 1 ? kFftCostPerPoint1d : kFftCostPerPoint2d;
+  const double per_point = kFftCostPerPoint[shared_kernel ? 1 : 0][H == 1 ? 0 : 1];
   return per_point * points * std::log2(points + 1.0) < direct;
 }
 

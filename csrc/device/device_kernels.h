@@ -167,7 +167,7 @@ struct DeviceKernels {
   // algo="auto" on this device: the direct kernel while it fits the shared-memory
   // tile (every 2D kernel up to 15×15), the FFT path beyond. A rule of thumb, not
   // a crossover measured on a GPU (none was available).
-  static bool prefer_fft(int64_t H, int64_t W, int64_t Kh, int64_t Kw) {
+  static bool prefer_fft(int64_t H, int64_t W, int64_t Kh, int64_t Kw, bool /*shared_kernel*/) {
     return !correlate_geometry(1, H, W, Kh, Kw, sizeof(float), Launcher::limits()).tiled;
   }
 
