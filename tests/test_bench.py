@@ -124,6 +124,23 @@ def test_each_target_value_gets_the_spread_of_its_ratio_round_by_round():
     assert old[4]["target"] == "matmul >= 1.5x eager" and old[4]["met"] is True and old[4]["spreads"] is None
 
 
+def test_a_target_against_eager_says_what_copy_speed_would_reach_where_a_copy_was_timed():
+    bench = _bench_ops_module()
+    hk = dict(algo="auto", shared=False)
+    results = [
+        _result("dot", (28, 28), {"ours": 1.0, "eager": 2.0, "compiled": 1.5, "copy": 0.8}),
+        _result("hkconv", (28, 28), {"ours": 1.0, "eager": 2.4, "direct": 1.0, "fft": 9.0, "copy": 0.6}, ksize=3, **hk),
+        _result("hkconv", (28, 28), {"ours": 1.0, "eager": 20.0, "direct": 1.0, "fft": 9.0}, ksize=5, **hk),
+    ]
+    targets = {t["target"]: t for t in bench.evaluate_targets(results)}
+    assert targets["dot >= 8x eager"]["at_copy_speed"] == [("28x28", pytest.approx(2.5))]
+    assert targets["per-sample kernels of 3, 5, 9 (2D and 1D) >= 5x eager"]["at_copy_speed"] == [
+        ("3@28x28", pytest.approx(4.0))]
+    # Only against eager: the other comparators have nothing to do with the copy.
+    assert "at_copy_speed" not in targets["dot no slower than torch.compile(reference)"]
+    assert "at_copy_speed" not in targets["matmul >= 1.5x eager"]  # no case, no line
+
+
 def test_a_saved_run_is_judged_as_the_run_itself_judged_it(tmp_path):
     """JSON turns the spatial tuples the targets select by into lists."""
     bench = _bench_ops_module()
