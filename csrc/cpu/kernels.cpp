@@ -546,10 +546,10 @@ void gemm_plane(const acc_t* a, int64_t a_row, int64_t a_col, const SquarePlane<
 }
 
 // Asks for n values at p to be brought into cache (ForWrite: owned, ready to be
-// written), a plane ahead, by the matmul kernels and a shared 3×3 kernel's backward:
-// matmul's stores come in a burst after a plane's products, each missing the cache on its
-// own, and a shared kernel's gradient visits planes (0, c), (1, c), ..., which lie C
-// planes apart, a pattern the hardware prefetcher does not follow. Matmul backward at
+// written), a plane ahead, by the matmul kernels: their stores come in a burst after a
+// plane's products, each missing the cache on its own, and a shared kernel's gradient
+// visits planes (0, c), (1, c), ..., which lie C planes apart, a pattern the hardware
+// prefetcher does not follow. Matmul backward at
 // B=64, C=36, 28×28: inputs 2.57 -> 2.41 ms (means of six alternating processes); the
 // output planes too, 2.14 -> 2.02 ms (ten alternating processes, each pair in both orders).
 // Planes up to 64×64 (all the matmul kernel takes) are prefetched whole. A larger plane's
@@ -1281,17 +1281,22 @@ void backward_plane(const scalar_t* gy, const scalar_t* x, const acc_t* kernel, 
   }
 }
 
-// A shared kernel's gradients. The weight gradient: one task per channel (and batch
-// chunk, shared_batch_chunks), summing planes (0, c), (1, c), ... in that order. The
-// input gradient: for one_pass_backward sizes in the same pass, the next plane prefetched
-// (C planes on, a stride the hardware prefetcher does not follow; cold, A/B: 0.87 -> 0.69
-// ms); otherwise split over every plane in memory order (correlate_planes). B=64, C=36,
-// 28×28, 3×3, A/B against a pass for each gradient: backward 0.73 -> 0.48 ms warm, 1.12
-// -> 0.67 cold.
+// Weight-gradient sums held at once by a shared kernel's backward: 1 MB of float32.
+constexpr int64_t kMaxPlaneSums = int64_t{1} << 18;
+
+// A shared kernel's gradients, plane by plane in memory order as for per-sample kernels
+// (both gradients from one padded copy of grad_y), a slab of samples at a time whose
+// planes' weight-gradient sums are kept and then added into each channel's sum in batch
+// order, in the chunks of shared_batch_chunks, so the result does not depend on the
+// thread count. The planes of one channel lie C planes apart; walking them channel by
+// channel (before the tenth session; the same sums, bitwise) was slower even with the
+// next plane prefetched. B=64, C=36, 28×28, cold caches, three alternating processes
+// each, backward: 3×3 0.74-0.84 -> 0.62-0.65 ms (a copy of its bytes 0.19 ms in both),
+// 7×7 1.84-1.91 -> 1.53-1.62 ms.
 std::tuple<at::Tensor, at::Tensor> shared_kernel_backward(const at::Tensor& gy, const at::Tensor& x,
                                                           const at::Tensor& w) {
   const auto geo = backward_geometry(x, w);
-  auto gx = geo.fused ? empty_output_like(gy) : correlate_planes(gy, w, /*flip=*/true);
+  auto gx = empty_output_like(gy);
   auto gw = at::empty_like(w);
   const int64_t B = x.size(0), C = x.size(1), N = geo.H * geo.W, K = geo.Kh * geo.Kw;
   if (gw.numel() == 0) return {gx, gw};
@@ -1300,37 +1305,38 @@ std::tuple<at::Tensor, at::Tensor> shared_kernel_backward(const at::Tensor& gy, 
     const scalar_t* gyp = gy.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
-    scalar_t* gxp = geo.fused ? gx.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
     scalar_t* gwp = gw.mutable_data_ptr<scalar_t>();
+    std::vector<acc_t> kernels(C * K);  // flipped, one per channel
+    std::vector<char> finite(C);
+    for (int64_t c = 0; c < C; ++c) {
+      finite[c] = load_kernel(wp + c * K, K, /*flip=*/true, kernels.data() + c * K);
+    }
     const BatchChunks chunks = shared_batch_chunks(B, C);
-    std::vector<acc_t> partial(chunks.count > 1 ? C * chunks.count * K : 0);
-    at::parallel_for(0, C * chunks.count, grain_for(chunks.size * N * K), [&](int64_t t0, int64_t t1) {
-      BackwardBuffers<acc_t> buf(geo);
-      std::vector<acc_t> kernel(K), acc(K), sums(K);
-      for (int64_t task = t0; task < t1; ++task) {
-        const int64_t c = task / chunks.count, b0 = task % chunks.count * chunks.size;
-        const int64_t b1 = std::min(B, b0 + chunks.size);
-        const bool finite = load_kernel(wp + c * K, K, /*flip=*/true, kernel.data());
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t plane = b * C + c;
-          if (gxp != nullptr && b + 1 < b1 && N <= kPrefetchMaxValues) {
-            prefetch(gyp + (plane + C) * N, N);
-            prefetch(xp + (plane + C) * N, N);
-            prefetch</*ForWrite=*/true>(gxp + (plane + C) * N, N);
+    const int64_t slab = std::max<int64_t>(1, kMaxPlaneSums / (C * K));
+    std::vector<acc_t> plane_sums(std::min(B, slab) * C * K);
+    std::vector<acc_t> chunk_sums(C * chunks.count * K, acc_t(0));  // [c][chunk][tap], for sum_chunks
+    for (int64_t b0 = 0; b0 < B; b0 += slab) {
+      const int64_t b1 = std::min(B, b0 + slab);
+      at::parallel_for(b0 * C, b1 * C, grain_for(2 * N * K), [&](int64_t p0, int64_t p1) {
+        BackwardBuffers<acc_t> buf(geo);
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t c = p % C;
+          backward_plane(gyp + p * N, xp + p * N, kernels.data() + c * K, finite[c] != 0, geo, buf,
+                         gxp + p * N, plane_sums.data() + (p - b0 * C) * K);
+        }
+      });
+      at::parallel_for(0, C, grain_for((b1 - b0) * K), [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          for (int64_t b = b0; b < b1; ++b) {
+            acc_t* sum = chunk_sums.data() + (c * chunks.count + b / chunks.size) * K;
+            const acc_t* plane = plane_sums.data() + ((b - b0) * C + c) * K;
+            for (int64_t q = 0; q < K; ++q) sum[q] += plane[q];
           }
-          backward_plane(gyp + plane * N, xp + plane * N, kernel.data(), finite, geo, buf,
-                         gxp != nullptr ? gxp + plane * N : nullptr, sums.data());
-          for (int64_t q = 0; q < K; ++q) acc[q] += sums[q];
         }
-        if (chunks.count == 1) {
-          for (int64_t q = 0; q < K; ++q) gwp[c * K + q] = static_cast<scalar_t>(acc[q]);
-        } else {
-          std::copy(acc.begin(), acc.end(), partial.data() + task * K);
-        }
-      }
-    });
-    if (chunks.count > 1) sum_chunks(partial.data(), C, chunks.count, K, gwp);
+      });
+    }
+    sum_chunks(chunk_sums.data(), C, chunks.count, K, gwp);
   });
   return {gx, gw};
 }
