@@ -570,7 +570,8 @@ def indifference_constant(spatial: tuple[int, ...], ksize: int) -> float:
     same: below it, algo="auto" runs the FFT."""
     kernel = [min(ksize, s) for s in spatial]
     work = math.prod(spatial) * math.prod(kernel)
-    points = math.prod(1 if s == 1 else good_fft_size(s + kk - 1 - (kk - 1) // 2) for s, kk in zip(spatial, kernel))
+    points = math.prod(1 if s == 1 else good_fft_size(s + kk - 1 - (kk - 1) // 2)
+                       for s, kk in zip(spatial, kernel))
     return work / (points * math.log2(points + 1))
 
 
@@ -592,9 +593,9 @@ def fit_fft_cost(rows: list[dict]) -> dict[tuple[str, int], float]:
     fitted = {}
     for group in sorted({(r["kernel"], len(r["spatial"])) for r in rows}):
         mine = [r for r in rows if (r["kernel"], len(r["spatial"])) == group]
-        implied = {id(r): r["indifferent"] * r["fft"] / r["direct"] for r in mine}
-        near = [implied[id(r)] for r in mine if 1 / 3 <= r["fft"] / r["direct"] <= 3]
-        fitted[group] = statistics.median(near or implied.values())
+        implied = [(r["indifferent"] * r["fft"] / r["direct"], r["fft"] / r["direct"]) for r in mine]
+        near = [constant for constant, ratio in implied if 1 / 3 <= ratio <= 3]
+        fitted[group] = statistics.median(near or [constant for constant, _ in implied])
     return fitted
 
 
@@ -624,8 +625,9 @@ def measure_crossover(args) -> dict[tuple[str, int], float]:
                 times = time_interleaved(impls, args.repeats, args.warmup, args.budget)
                 rows.append({"kernel": kernel, "spatial": spatial, "ksize": k, **times,
                              "indifferent": indifference_constant(spatial, k)})
-                print(f"{kernel:>10} {'x'.join(map(str, spatial)):>6} K={k:<4} direct {times['direct'] * 1e3:8.2f} ms"
-                      f"  fft {times['fft'] * 1e3:8.2f} ms  (the model is indifferent at {rows[-1]['indifferent']:6.2f})",
+                size = "x".join(map(str, spatial))
+                print(f"{kernel:>10} {size:>6} K={k:<4} direct {times['direct'] * 1e3:8.2f} ms  "
+                      f"fft {times['fft'] * 1e3:8.2f} ms  (the model is indifferent at {rows[-1]['indifferent']:6.2f})",
                       flush=True)
     fitted = fit_fft_cost(rows)
     for (kernel, dims), constant in fitted.items():
