@@ -582,6 +582,11 @@ def time_lost(rows: list[dict], constant: float) -> float:
                for r in rows)
 
 
+def crossover_group(row: dict) -> tuple[str, int]:
+    """What kFftCostPerPoint is fitted per: the kind of kernel and the number of spatial dims."""
+    return row["kernel"], len(row["spatial"])
+
+
 def fit_fft_cost(rows: list[dict]) -> dict[tuple[str, int], float]:
     """Per kind of kernel ("per-sample", "shared") and number of spatial dims, the median
     over the pairs whose times are within 3x of each other (near the crossover, where the
@@ -591,8 +596,8 @@ def fit_fft_cost(rows: list[dict]) -> dict[tuple[str, int], float]:
     choices lose the least time, time_lost, is a whole range between two measured kernel
     sizes, as wide as the grid is coarse; this median places the constant inside it.)"""
     fitted = {}
-    for group in sorted({(r["kernel"], len(r["spatial"])) for r in rows}):
-        mine = [r for r in rows if (r["kernel"], len(r["spatial"])) == group]
+    for group in sorted({crossover_group(r) for r in rows}):
+        mine = [r for r in rows if crossover_group(r) == group]
         implied = [(r["indifferent"] * r["fft"] / r["direct"], r["fft"] / r["direct"]) for r in mine]
         near = [constant for constant, ratio in implied if 1 / 3 <= ratio <= 3]
         fitted[group] = statistics.median(near or [constant for constant, _ in implied])
@@ -631,7 +636,7 @@ def measure_crossover(args) -> dict[tuple[str, int], float]:
                       flush=True)
     fitted = fit_fft_cost(rows)
     for (kernel, dims), constant in fitted.items():
-        mine = [r for r in rows if (r["kernel"], len(r["spatial"])) == (kernel, dims)]
+        mine = [r for r in rows if crossover_group(r) == (kernel, dims)]
         print(f"kFftCostPerPoint, {kernel} kernels, {dims}D: {constant:.2f} "
               f"(time lost to wrong choices: {100 * time_lost(mine, constant):.0f} % of a pair's time, summed)")
     return fitted

@@ -1315,7 +1315,8 @@ std::tuple<at::Tensor, at::Tensor> shared_kernel_backward(const at::Tensor& gy, 
     const BatchChunks chunks = shared_batch_chunks(B, C);
     const int64_t slab = std::max<int64_t>(1, kMaxPlaneSums / (C * K));
     std::vector<acc_t> plane_sums(std::min(B, slab) * C * K);
-    std::vector<acc_t> chunk_sums(C * chunks.count * K, acc_t(0));  // [c][chunk][tap], for sum_chunks
+    // [c][chunk][tap], the layout sum_chunks adds up.
+    std::vector<acc_t> chunk_sums(C * chunks.count * K, acc_t(0));
     for (int64_t b0 = 0; b0 < B; b0 += slab) {
       const int64_t b1 = std::min(B, b0 + slab);
       at::parallel_for(b0 * C, b1 * C, grain_for(2 * N * K), [&](int64_t p0, int64_t p1) {
@@ -1379,11 +1380,11 @@ std::tuple<at::Tensor, at::Tensor> conv_direct_backward(const at::Tensor& gy, co
 // dimensionality: a kernel shared by the batch is transformed once per channel, not once
 // per plane, and 1D's direct kernel and transforms cost differently per point (one
 // constant fitted to all, 33-34, put 1D's crossover at K ≈ 410 at L=784, where the FFT
-// is faster from between K=191 and 255). The constants are from `python tools/bench_ops.py --crossover --repeats 21
-// --budget 6 --warmup 2` (forward + backward, direct and fft timed in the same rounds;
-// per-sample and shared kernels at 28×28 K 3..28, 64×64 K 5..64, L=784 K 9..784; 2
-// threads) on the 2-core development machine, tenth session, with even FFT sizes
-// (common.h): per group, the median over the pairs within 3x of each other of the
+// is faster from between K=191 and 255). The constants are from `python
+// tools/bench_ops.py --crossover --repeats 21 --budget 6 --warmup 2` (forward +
+// backward, direct and fft timed in the same rounds; per-sample and shared kernels at
+// 28×28 K 3..28, 64×64 K 5..64, L=784 K 9..784; 2 threads) on the 2-core development
+// machine, tenth session, with even FFT sizes (common.h): per group, the median over the pairs within 3x of each other of the
 // constant that reproduces the measured time ratio. Per-sample 2D 39.7, 39.6, 41.0, 40.3
 // and 1D 17.0, 17.9, 18.2, 18.5 in four runs; shared 2D 28.4, 28.1 and 1D 13.3, 12.9 in
 // two. With them auto ran the faster algorithm at every measured size but two, shared
