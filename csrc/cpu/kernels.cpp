@@ -1243,6 +1243,33 @@ BackwardGeometry backward_geometry(const at::Tensor& x, const at::Tensor& w) {
           one_pass_backward(Kh, Kw)};
 }
 
+// The backward of 1D planes of up to a page (4 KiB) asks for each plane's grad_y and x
+// a page ahead of the plane in work, up to the thread's last plane (p_end): the one-pass
+// kernel reads such a plane in a burst that runs into the next page before the hardware
+// prefetcher, which stops at page boundaries, has fetched it. B=64, C=36, 7 taps, cold
+// caches, A/B in alternating processes, backward in ms: L = 784 0.66 -> 0.59 (ten
+// processes each; shared kernels 0.66 -> 0.60; 3 and 9 taps 8 and 11 % faster; a plane
+// ahead rather than a page 0.62), L = 1024 0.69 -> 0.63. Not for longer planes, whose
+// streams the hardware follows (L = 2048 1.39 -> 1.44, L = 4096 4.03 -> 4.20), nor for 2D
+// planes (28×28: 3×3 0.49 -> 0.67, 7×7 1.61 -> 1.71); the forward gained nothing clear.
+constexpr int64_t kPageBytes = 4096;
+
+// Always inlined: as a call, GCC took it for one without effects and dropped it.
+template <typename scalar_t>
+[[gnu::always_inline]] inline void prefetch_backward_inputs(const BackwardGeometry& geo,
+                                                            const scalar_t* gy, const scalar_t* x,
+                                                            int64_t p, int64_t p_end) {
+  const int64_t N = geo.W * int64_t(sizeof(scalar_t));  // bytes of a plane
+  if (geo.H != 1 || N > kPageBytes) return;
+  // Offsets, not pointers: the page ahead may lie past the tensor's end, never read.
+  const int64_t first = p * N + kPageBytes, last = std::min((p + 1) * N + kPageBytes, p_end * N);
+  const auto g = reinterpret_cast<std::uintptr_t>(gy), xs = reinterpret_cast<std::uintptr_t>(x);
+  for (int64_t at = first; at < last; at += 64) {  // the two streams in step, as they are read
+    __builtin_prefetch(reinterpret_cast<const void*>(g + at), 0, 2);
+    __builtin_prefetch(reinterpret_cast<const void*>(xs + at), 0, 2);
+  }
+}
+
 // One thread's buffers for backward_plane.
 template <typename acc_t>
 struct BackwardBuffers {
@@ -1323,6 +1350,7 @@ std::tuple<at::Tensor, at::Tensor> shared_kernel_backward(const at::Tensor& gy, 
         BackwardBuffers<acc_t> buf(geo);
         for (int64_t p = p0; p < p1; ++p) {
           const int64_t c = p % C;
+          prefetch_backward_inputs(geo, gyp, xp, p, p1);
           backward_plane(gyp + p * N, xp + p * N, kernels.data() + c * K, finite[c] != 0, geo, buf,
                          gxp + p * N, plane_sums.data() + (p - b0 * C) * K);
         }
@@ -1365,6 +1393,7 @@ std::tuple<at::Tensor, at::Tensor> conv_direct_backward(const at::Tensor& gy, co
       std::vector<acc_t> kernel(K), sums(K);
       for (int64_t p = p0; p < p1; ++p) {
         const bool finite = load_kernel(wp + p * K, K, /*flip=*/true, kernel.data());
+        prefetch_backward_inputs(geo, gyp, xp, p, p1);
         backward_plane(gyp + p * N, xp + p * N, kernel.data(), finite, geo, buf, gxp + p * N,
                        sums.data());
         for (int64_t q = 0; q < K; ++q) gwp[p * K + q] = static_cast<scalar_t>(sums[q]);
