@@ -141,6 +141,22 @@ def test_a_target_against_eager_says_what_copy_speed_would_reach_where_a_copy_wa
     assert "at_copy_speed" not in targets["matmul >= 1.5x eager"]  # no case, no line
 
 
+def test_kernels_of_up_to_nine_taps_get_a_copy_yardstick_and_larger_ones_do_not():
+    """3×3 and 1D kernels of 3 to 9 taps are bound by memory; 5×5 and up by arithmetic."""
+    bench = _bench_ops_module()
+    by_name = {c.name: c for c in bench.all_cases(tiny=False)}
+    yardstick = {name: c.bytes_fwdbwd is not None for name, c in by_name.items() if c.tags["op"] == "hkconv"}
+    assert yardstick["hkconv per-sample 3x3 auto B=64 C=36 28x28"]
+    assert yardstick["hkconv per-sample 7 auto B=64 C=36 784"]
+    assert yardstick["hkconv per-sample 9 auto B=64 C=36 4096"]
+    assert not yardstick["hkconv per-sample 5x5 auto B=64 C=36 28x28"]
+    assert not yardstick["hkconv per-sample 7x7 auto B=64 C=36 28x28"]
+    assert not any(ok for name, ok in yardstick.items() if " fft " in name)
+    # A perfect kernel's bytes: x and y forward; grad_y, x and grad_x backward; w each time.
+    n, taps = 64 * 36 * 784, 64 * 36 * 7
+    assert by_name["hkconv per-sample 7 auto B=64 C=36 784"].bytes_fwdbwd == 4 * (5 * n + 3 * taps)
+
+
 def test_a_saved_run_is_judged_as_the_run_itself_judged_it(tmp_path):
     """JSON turns the spatial tuples the targets select by into lists."""
     bench = _bench_ops_module()
