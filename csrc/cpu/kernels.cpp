@@ -486,16 +486,30 @@ void gemm_tile(const acc_t* __restrict__ a, int64_t a_row, int64_t a_col,
                acc_t* __restrict__ c) {
   using V = typename Vec<acc_t>::type;
   constexpr int64_t L = kLanes<acc_t>;
-  V acc[R][NV] = {};
+  // Every loop over r and v unrolled at once, so that the sums are registers from the
+  // start: left to GCC, it zeroed them as an array on the stack with a call to memset and
+  // stored them there after the loop before storing them to c, each tile (12 % of the
+  // products' time in a perf profile).
+  V acc[R][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+  }
   for (int64_t p = 0; p < S; ++p) {
     V bv[NV];
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const V*>(b + p * S + j + v * L);
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const acc_t av = a[(i + r) * a_row + p * a_col];
+#pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
     }
   }
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(c + (i + r) * S + j + v * L) = acc[r][v];
   }
 }
