@@ -416,6 +416,10 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> dict:
             except ImportError as exc:  # pragma: no cover
                 log(f"plots skipped: {exc}")
     if d.active:
+        # Every rank tears down together: in one clean-clone CI run (2026-11-22) rank 1
+        # aborted in its teardown ("terminate called without an active exception") while
+        # rank 0 was still writing the results.
+        _barrier(d)
         dist.destroy_process_group()
     return result
 
