@@ -146,6 +146,7 @@ def test_kernels_of_up_to_nine_taps_get_a_copy_yardstick_and_larger_ones_do_not(
     bench = _bench_ops_module()
     by_name = {c.name: c for c in bench.all_cases(tiny=False)}
     yardstick = {name: c.bytes_fwdbwd is not None for name, c in by_name.items() if c.tags["op"] == "hkconv"}
+    assert all((c.bytes_fwd is not None) == yardstick[name] for name, c in by_name.items() if name in yardstick)
     assert yardstick["hkconv per-sample 3x3 auto B=64 C=36 28x28"]
     assert yardstick["hkconv per-sample 7 auto B=64 C=36 784"]
     assert yardstick["hkconv per-sample 9 auto B=64 C=36 4096"]

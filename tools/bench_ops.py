@@ -101,10 +101,10 @@ def _hkconv_case(batch: int, channels: int, spatial: tuple[int, ...], ksize: int
     ks = "x".join(map(str, kernel))
     # Kernels of up to 9 taps (3×3; 1D kernels of 3 to 9) are bound by memory (the 3×3
     # direct kernels ran at ~95 % of a copy's speed with cold caches, tenth session; 1D 7
-    # taps at L = 784 forward about at a copy's speed, backward at 85 %, eleventh), so they
-    # get a same-size copy as a yardstick: forward reads x and w and writes y; backward
-    # reads grad_y, x and w and writes grad_x and grad_w. Larger kernels are bound by their
-    # arithmetic.
+    # taps at L = 784 forward about at a copy's speed, backward at 85 %, eleventh; 9 taps
+    # do as much arithmetic per value as 3×3), so they get a same-size copy as a
+    # yardstick: forward reads x and w and writes y; backward reads grad_y, x and w and
+    # writes grad_x and grad_w. Larger kernels are bound by their arithmetic.
     n, taps = batch * channels * math.prod(spatial), (1 if shared else batch) * channels * math.prod(kernel)
     memory_bound = math.prod(kernel) <= 9 and algo != "fft"
     case = Case(

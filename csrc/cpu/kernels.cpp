@@ -1257,8 +1257,10 @@ BackwardGeometry backward_geometry(const at::Tensor& x, const at::Tensor& w) {
           one_pass_backward(Kh, Kw)};
 }
 
+constexpr int64_t kPageBytes = 4096;
+
 // The backward of 1D planes of up to a page (4 KiB) asks for each plane's grad_y and x
-// a page ahead of the plane in work, up to the thread's last plane (p_end): the one-pass
+// a page ahead of plane p, up to plane p_end (one past the thread's last): the one-pass
 // kernel reads such a plane in a burst that runs into the next page before the hardware
 // prefetcher, which stops at page boundaries, has fetched it. B=64, C=36, 7 taps, cold
 // caches, A/B in alternating processes, backward in ms: L = 784 0.66 -> 0.59 (ten
@@ -1266,21 +1268,23 @@ BackwardGeometry backward_geometry(const at::Tensor& x, const at::Tensor& w) {
 // ahead rather than a page 0.62), L = 1024 0.69 -> 0.63. Not for longer planes, whose
 // streams the hardware follows (L = 2048 1.39 -> 1.44, L = 4096 4.03 -> 4.20), nor for 2D
 // planes (28×28: 3×3 0.49 -> 0.67, 7×7 1.61 -> 1.71); the forward gained nothing clear.
-constexpr int64_t kPageBytes = 4096;
-
-// Always inlined: as a call, GCC took it for one without effects and dropped it.
+// Always inlined: as a call, GCC took it for one without effects and dropped it (no
+// prefetch left in the object code).
 template <typename scalar_t>
 [[gnu::always_inline]] inline void prefetch_backward_inputs(const BackwardGeometry& geo,
                                                             const scalar_t* gy, const scalar_t* x,
                                                             int64_t p, int64_t p_end) {
-  const int64_t N = geo.W * int64_t(sizeof(scalar_t));  // bytes of a plane
-  if (geo.H != 1 || N > kPageBytes) return;
-  // Offsets, not pointers: the page ahead may lie past the tensor's end, never read.
-  const int64_t first = p * N + kPageBytes, last = std::min((p + 1) * N + kPageBytes, p_end * N);
-  const auto g = reinterpret_cast<std::uintptr_t>(gy), xs = reinterpret_cast<std::uintptr_t>(x);
-  for (int64_t at = first; at < last; at += 64) {  // the two streams in step, as they are read
-    __builtin_prefetch(reinterpret_cast<const void*>(g + at), 0, 2);
-    __builtin_prefetch(reinterpret_cast<const void*>(xs + at), 0, 2);
+  if (geo.H != 1) return;
+  const int64_t plane_bytes = geo.W * int64_t(sizeof(scalar_t));
+  if (plane_bytes > kPageBytes) return;
+  // Bytes [first, last) of each tensor: plane p's, a page on, within the thread's planes.
+  const int64_t first = p * plane_bytes + kPageBytes;
+  const int64_t last = std::min((p + 1) * plane_bytes + kPageBytes, p_end * plane_bytes);
+  const char* g = reinterpret_cast<const char*>(gy);
+  const char* xs = reinterpret_cast<const char*>(x);
+  for (int64_t at = first; at < last; at += 64) {  // the two tensors alternately, as measured
+    __builtin_prefetch(g + at, 0, 2);
+    __builtin_prefetch(xs + at, 0, 2);
   }
 }
 
