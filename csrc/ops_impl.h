@@ -122,7 +122,7 @@ struct Ops {
         const auto& u4 = x4.defined() ? x4 : z4;  // what Ŵ acts on
         // The FFT path forms Ŵ = k ⊙ z while padding; the direct kernel needs it whole.
         auto y4 = global_conv_uses_fft(u4) ? conv_fft_forward(u4, k4, z4)
-                                                  : Kernels::conv_direct_forward(u4, k4 * z4);
+                                           : Kernels::conv_direct_forward(u4, k4 * z4);
         return y4.view(z.sizes());
       }
     }

@@ -1431,14 +1431,15 @@ std::tuple<at::Tensor, at::Tensor> conv_direct_backward(const at::Tensor& gy, co
 // tools/bench_ops.py --crossover --repeats 21 --budget 6 --warmup 2` (forward +
 // backward, direct and fft timed in the same rounds; per-sample and shared kernels at
 // 28×28 K 3..28, 64×64 K 5..64, L=784 K 9..784; 2 threads) on the 2-core development
-// machine, tenth session, with even FFT sizes (common.h): per group, the median over the pairs within 3x of each other of the
-// constant that reproduces the measured time ratio. Per-sample 2D 39.7, 39.6, 41.0, 40.3
-// and 1D 17.0, 17.9, 18.2, 18.5 in four runs; shared 2D 28.4, 28.1 and 1D 13.3, 12.9 in
-// two. With them auto ran the faster algorithm at every measured size but two, shared
-// 28×28 K=27 and 28, where direct was 2-9 % faster. The single constant before (28,
-// fitted in the fourth session on per-sample kernels) had gone stale as the direct
-// kernels got faster: it ran the FFT for the 28×28 global conv (K=28), 1.4-1.5x slower
-// than direct, and direct at L=784 up to K=339, 1.3x slower at K=255.
+// machine, tenth session, with even FFT sizes (common.h): per group, the median over the
+// pairs within 3x of each other of the constant that reproduces the measured time ratio.
+// Per-sample 2D 39.7, 39.6, 41.0, 40.3 and 1D 17.0, 17.9, 18.2, 18.5 in four runs;
+// shared 2D 28.4, 28.1 and 1D 13.3, 12.9 in two. With them auto ran the faster algorithm
+// at every measured size but two, shared 28×28 K=27 and 28, where direct was 2-9 %
+// faster. The single constant before (28, fitted in the fourth session on per-sample
+// kernels) had gone stale as the direct kernels got faster: it ran the FFT for the 28×28
+// global conv (K=28), 1.4-1.5x slower than direct, and direct at L=784 up to K=339, 1.3x
+// slower at K=255.
 constexpr double kFftCostPerPoint[2][2] = {
     {18.0, 40.0},  // per-sample kernels: 1D, 2D
     {13.0, 28.0},  // shared kernels: 1D, 2D
