@@ -42,9 +42,15 @@ inline ConvAlgo parse_algo(c10::string_view algo) {
                     std::string(algo), "'");
 }
 
+// An op's result in its final shape without autograd view tracking: callers modify
+// outputs in place (relu_, +=), which autograd refuses on a view.
+inline at::Tensor as_output(const at::Tensor& t, c10::IntArrayRef sizes) {
+  return t.is_contiguous() ? at::_unsafe_view(t, sizes) : t.reshape(sizes).contiguous();
+}
+
 // Gradient of a kernel shaped like `like` (C,*K) / (1,C,*K) / (B,C,*K) from planes.
 inline at::Tensor kernel_grad_like(const at::Tensor& grad_planes, const at::Tensor& like) {
-  return grad_planes.reshape(like.sizes());
+  return as_output(grad_planes, like.sizes());
 }
 
 template <class Kernels>
@@ -84,7 +90,7 @@ struct Ops {
     check_conv_args(x, w);
     const int64_t d = spatial_dims(x);
     auto y4 = conv_planes(activation_planes(x), kernel_planes(w, d), a);
-    return y4.view(x.sizes());
+    return as_output(y4, x.sizes());
   }
 
   static std::tuple<at::Tensor, at::Tensor> hyperkernel_conv_backward(
@@ -97,7 +103,7 @@ struct Ops {
     const int64_t d = spatial_dims(x);
     auto [gx4, gw4] =
         conv_planes_backward(activation_planes(grad_y), activation_planes(x), kernel_planes(w, d), a);
-    return {gx4.view(x.sizes()), kernel_grad_like(gw4, w)};
+    return {as_output(gx4, x.sizes()), kernel_grad_like(gw4, w)};
   }
 
   // ---- hyperzzw_global ----------------------------------------------------
@@ -114,16 +120,16 @@ struct Ops {
       case GlobalMode::Dot: {
         auto y = Kernels::global_dot_forward(k4.view({kb, C, N}), z4.view({B, C, N}),
                                              x4.defined() ? x4.view({B, C, N}) : x4);
-        return y.view(z.sizes());
+        return as_output(y, z.sizes());
       }
       case GlobalMode::Matmul:
-        return Kernels::global_matmul_forward(k4, z4, x4).view(z.sizes());
+        return as_output(Kernels::global_matmul_forward(k4, z4, x4), z.sizes());
       case GlobalMode::Conv: {
         const auto& u4 = x4.defined() ? x4 : z4;  // what Ŵ acts on
         // The FFT path forms Ŵ = k ⊙ z while padding; the direct kernel needs it whole.
         auto y4 = global_conv_uses_fft(u4) ? conv_fft_forward(u4, k4, z4)
                                            : Kernels::conv_direct_forward(u4, k4 * z4);
-        return y4.view(z.sizes());
+        return as_output(y4, z.sizes());
       }
     }
     TORCH_INTERNAL_ASSERT(false, "unreachable");
@@ -161,8 +167,8 @@ struct Ops {
       std::tie(gk, gz, gx) =
           grads_through_product(g_what.to(dtype), g_u.to(dtype), k4, z4, x4.defined());
     }
-    return {kernel_grad_like(gk, k), gz.view(z.sizes()),
-            gx.defined() ? gx.view(z.sizes()) : at::empty({0}, z.options())};
+    return {kernel_grad_like(gk, k), as_output(gz, z.sizes()),
+            gx.defined() ? as_output(gx, z.sizes()) : at::empty({0}, z.options())};
   }
 };
 
