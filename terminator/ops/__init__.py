@@ -49,9 +49,10 @@ def hyperzzw_global(
     Returns:
         ``(B, C, *S)``, contiguous.
     """
+    k, z, x = _library.autocast_inputs(z.device.type, k, z, x) if isinstance(z, torch.Tensor) else (k, z, x)
     _checks.check_global_args(k, z, x, mode)
     if _compiled(z):
-        return torch.ops.terminator.hyperzzw_global(k, z, x, mode)
+        return _library.global_product(k, z, x, mode)
     # The reference's broadcasting products follow their inputs' strides (an expanded k
     # gives a non-contiguous result); the promise above holds for every backend.
     return reference.hyperzzw_global(k, z, x, mode=mode).contiguous()
@@ -70,7 +71,8 @@ def hyperkernel_conv(x: torch.Tensor, w: torch.Tensor, *, algo: str = "auto") ->
     Returns:
         ``(B, C, *S)``, contiguous.
     """
+    x, w = _library.autocast_inputs(x.device.type, x, w) if isinstance(x, torch.Tensor) else (x, w)
     _checks.check_conv_args(x, w, algo)
     if _compiled(x):
-        return torch.ops.terminator.hyperkernel_conv(x, w, algo)
+        return _library.conv(x, w, algo)
     return reference.hyperkernel_conv(x, w, algo=algo).contiguous()
