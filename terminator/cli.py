@@ -1,9 +1,8 @@
-"""Command line (``terminator`` or ``python -m terminator``): train, eval, bench, build, info.
+"""Command line (``terminator`` or ``python -m terminator``): train, eval, build, info.
 
     terminator train [--config FILE] [--dataset NAME] [--preset NAME] [--epochs N] [--batch-size N]
                      [--out DIR] [--resume [CKPT]] [--data-dir DIR] [--set key=value ...]
     terminator eval --checkpoint FILE [--dataset NAME] [--data-dir DIR] [--split test|val]
-    terminator bench [bench_ops.py arguments ...]
     terminator build | info
 
 Under ``torchrun --nproc_per_node=N -m terminator train ...`` training runs with DDP.
@@ -82,9 +81,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             # the run's own configuration, then whatever this command line changes
             path = args.resume
             if path == "auto":
-                from .train.loop import _run_dir
+                from .train.loop import run_dir
 
-                path = str(_run_dir(load_config(args.config, overrides)) / "last.pt")
+                path = str(run_dir(load_config(args.config, overrides)) / "last.pt")
             if os.path.isfile(path):
                 base = {**load_checkpoint(path)["config"], "stop_after": None}
                 resume = path
@@ -112,7 +111,7 @@ def _log_rank0(msg: str) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .train import CheckpointRefused, DatasetNotFound, evaluate_checkpoint
-    from .train.loop import format_confusion
+    from .train.evaluation import format_confusion
 
     try:
         r = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
@@ -124,20 +123,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(f"result: {r['split']}_acc={r['accuracy']:.4f} ({r['correct']}/{r['n']}) loss={r['loss']:.4f} "
           f"dataset={r['dataset']} epoch={r['epoch']} checkpoint={r['checkpoint']}")
     return 0
-
-
-def _run_bench(rest: list[str]) -> int:
-    """Runs tools/bench_ops.py of this checkout with ``rest`` as its arguments."""
-    import subprocess
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "tools" / "bench_ops.py"
-    if not script.is_file():
-        print(f"terminator bench: {script} not found (bench needs a source checkout)", file=sys.stderr)
-        return 2
-    if rest and rest[0] == "--":
-        rest = rest[1:]
-    return subprocess.call([sys.executable, str(script), *rest])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,9 +155,5 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--split", choices=["test", "val"], default="test")
     e.add_argument("--out", help="where eval.json goes (default: the checkpoint's folder)")
     e.add_argument("--threads", type=int, help="torch intra-op threads (default: the run's setting)")
-    sub.add_parser("bench", help="run tools/bench_ops.py; every later argument goes to it (bench --help)")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":
-        return _run_bench(argv[1:])
-    args = parser.parse_args(argv)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     return {"build": _cmd_build, "info": _cmd_info, "train": _cmd_train, "eval": _cmd_eval}[args.command](args)

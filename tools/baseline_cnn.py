@@ -23,7 +23,7 @@ from torch import nn
 
 from terminator.train.config import TrainConfig
 from terminator.train.data import load_dataset
-from terminator.train.loop import write_csv_atomic
+from terminator.train.checkpoint import write_csv_atomic
 
 
 def baseline_cnn(num_classes: int = 10) -> nn.Module:
