@@ -18,7 +18,7 @@
 //   // planes (H, W) and kernels (Kh, Kw), one kernel for the whole batch or one per sample.
 //   static bool prefer_fft(int64_t H, int64_t W, int64_t Kh, int64_t Kw, bool shared_kernel);
 //
-// cpu/kernels.cpp and cuda/kernels.cu instantiate these templates.
+// cpu/register.cpp (with cpu/kernels.h) and cuda/kernels.cu instantiate these templates.
 #pragma once
 
 #include "common.h"

@@ -76,6 +76,22 @@ def test_cache_key_follows_sources_and_flags(tmp_path):
     assert first.parent == _build.cache_root()
 
 
+def test_cpu_sources_are_every_cpp_file_in_cpu(tmp_path):
+    (tmp_path / "cpu").mkdir()
+    for name in ("b_family.cpp", "a_family.cpp", "helpers.h"):
+        (tmp_path / "cpu" / name).write_text("// a CPU kernel file\n")
+    assert _build.cpp_sources(tmp_path) == [*_build.CPP_SOURCES, "cpu/a_family.cpp", "cpu/b_family.cpp"]
+    checkout = _build.cpp_sources(_build.source_dir())
+    assert "cpu/global_dot.cpp" in checkout and "cpu/register.cpp" in checkout
+
+
+def test_cpu_source_named_like_another_is_an_error(tmp_path):
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "fft_conv.cpp").write_text("// its object would overwrite fft_conv.cpp's\n")
+    with pytest.raises(_build.BuildError, match=r"cpu/fft_conv\.cpp, fft_conv\.cpp in .* same object file"):
+        _build.cpp_sources(tmp_path)
+
+
 @pytest.mark.slow
 def test_changed_source_rebuilds_and_unchanged_loads_from_cache(tmp_path):
     ns, src, cache = _namespace(), tmp_path / "src", tmp_path / "cache"

@@ -365,7 +365,7 @@ def test_forcing_cpp_without_a_compiler_is_an_error_that_says_why(tmp_path):
 
 def test_sanitizer_build_has_its_own_cache_entry():
     src = _build.source_dir()
-    sources = list(_build.CPP_SOURCES)
+    sources = _build.cpp_sources(src)
     normal = _build.build_dir_for("t", src, sources, _build.CPP_FLAGS)
     sanitized = _build.build_dir_for("t", src, sources, _build.SANITIZE_FLAGS)
     assert normal != sanitized
@@ -399,7 +399,8 @@ def test_march_replaces_native_and_has_its_own_cache_entry(monkeypatch):
     monkeypatch.setenv("TERMINATOR_MARCH", "x86-64-v3")
     flags = _build.cpp_flags()
     assert "-march=x86-64-v3" in flags and "-march=native" not in flags and "-O3" in flags
-    src, sources = _build.source_dir(), list(_build.CPP_SOURCES)
+    src = _build.source_dir()
+    sources = _build.cpp_sources(src)
     assert _build.build_dir_for("t", src, sources, flags) != _build.build_dir_for("t", src, sources, _build.CPP_FLAGS)
 
 

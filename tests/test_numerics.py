@@ -112,8 +112,8 @@ def test_direct_weight_gradient_keeps_an_inf_in_x_to_the_taps_that_meet_it():
 @pytest.mark.parametrize("size", [3, 7])
 def test_direct_weight_gradient_with_inf_and_nan_in_x_or_grad_y_matches_the_reference(size, shared):
     """The weight gradient sums whole vectors first and checks x only when a sum is not
-    finite (csrc/cpu/kernels.cpp, weight_grad_plane): an inf or NaN in x, in the last
-    column (where the vector lanes past the row's end meet it) or the first, or in
+    finite (csrc/cpu/conv_direct_backward.cpp, weight_grad_plane): an inf or NaN in x, in
+    the last column (where the vector lanes past the row's end meet it) or the first, or in
     grad_y (x finite), or none, in different planes of one call."""
     gen = torch.Generator().manual_seed(3)
     # W = 19: lanes past the row's end exist at every vector width (16, 8, 4, 2 doubles).

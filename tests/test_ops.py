@@ -98,7 +98,7 @@ REAL_SIZES = [(2, 3, (28, 28)), (2, 3, (32, 32)), (2, 3, (784,)), (3, 2, (40,))]
 @pytest.mark.parametrize("batch,channels", [(42, 1), (9, 3), (40, 31), (8, 32)])
 def test_shared_kernel_gradients_with_few_channels(batch, channels, dtype):
     """With fewer than 32 channels a shared kernel's gradient sums the batch in chunks of
-    at least 4 samples (csrc/cpu/kernels.cpp, shared_batch_chunks): 42 samples with one
+    at least 4 samples (csrc/cpu/parallel.h, shared_batch_chunks): 42 samples with one
     channel as 8 chunks of 5 and one of 2, 9 samples with 3 as 5 + 4, 40 with 31 as
     20 + 20; 32 channels take one chunk."""
     k, z, x = global_inputs(batch, channels, (12, 12), "1C", True, dtype, seed=3)
@@ -146,7 +146,7 @@ def test_global_matmul_vector_spans_and_the_fused_kernels_limit(side, form, dtyp
 def test_direct_3x3_one_pass_backward_tile_edges(height, width, dtype, form):
     """A 3×3 kernel's backward, per-sample or shared, takes both gradients in one pass over
     tiles of 4 rows × 2 vectors (2 × 1 with 16 registers), the rows left over one at a
-    time, the last vector of a row partly past W (csrc/cpu/kernels.cpp,
+    time, the last vector of a row partly past W (csrc/cpu/conv_direct_backward.cpp,
     backward_plane_fused): heights leave 0 to 3 rows, widths one vector or several, full
     or not, at every vector width CI builds for."""
     x, w = conv_inputs(2, 3, (height, width), (3, 3), form, dtype, seed=4)

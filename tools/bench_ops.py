@@ -567,7 +567,7 @@ def good_fft_size(m: int) -> int:
 
 
 def indifference_constant(spatial: tuple[int, ...], ksize: int) -> float:
-    """The kFftCostPerPoint at which csrc/cpu/kernels.cpp's cost model (direct H·W·Kh·Kw
+    """The kFftCostPerPoint at which csrc/cpu/crossover.cpp's cost model (direct H·W·Kh·Kw
     against the constant times n·log2 n for n padded points) costs both algorithms the
     same: below it, algo="auto" runs the FFT."""
     kernel = [min(ksize, s) for s in spatial]
@@ -615,7 +615,7 @@ def crossover_shapes(tiny: bool) -> list[tuple[tuple[int, ...], tuple[int, ...]]
 
 
 def measure_crossover(args) -> dict[tuple[str, int], float]:
-    """Fits kFftCostPerPoint of csrc/cpu/kernels.cpp: direct and fft, forward + backward,
+    """Fits kFftCostPerPoint of csrc/cpu/crossover.cpp: direct and fft, forward + backward,
     per-sample and shared kernels, timed in the same rounds at each kernel size; prints
     each pair with the constant at which the model is indifferent between them
     (indifference_constant), and the fit per kind and dimension (fit_fft_cost)."""

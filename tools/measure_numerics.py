@@ -246,7 +246,7 @@ def _environment(quick: bool) -> str:
     return (f"Measured {datetime.date.today().isoformat()} on {platform.machine()} ({os.cpu_count()} cores), "
             f"torch {torch.__version__}, backend {ops.backend().name}, {torch.get_num_threads()} threads; "
             f"sources: commit {commit}{' + local changes' if dirty else ''}, csrc hash "
-            f"{_build.source_hash(src, list(_build.CPP_SOURCES))}; by `tools/measure_numerics.py"
+            f"{_build.source_hash(src, _build.cpp_sources(src))}; by `tools/measure_numerics.py"
             f"{' --quick' if quick else ''}`.")
 
 

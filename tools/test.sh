@@ -36,7 +36,7 @@ bash tools/sanitize.sh
 
 # ---- narrower vectors (issue 3) -------------------------------------------------------
 # The CPU kernels size their vectors and register blockings by the build's target
-# (csrc/cpu/kernels.cpp: AVX-512, AVX2, SSE2/NEON), and -march=native builds only this
+# (csrc/cpu/vec.h: AVX-512, AVX2, SSE2/NEON), and -march=native builds only this
 # machine's. The op and numerics tests again against an AVX2 (x86-64-v3) and an SSE2
 # (x86-64) build.
 if [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ]; then

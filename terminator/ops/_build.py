@@ -46,7 +46,9 @@ import torch
 
 BACKENDS = ("auto", "cpp", "cuda", "reference")
 EXTENSION_NAME = "terminator_ops"
-CPP_SOURCES = ("terminator.cpp", "fft_conv.cpp", "cpu/kernels.cpp")
+# The C++ sources at the top of csrc/; cpp_sources() adds every cpu/*.cpp (one file per op
+# family), so a new CPU kernel file is compiled without being listed here.
+CPP_SOURCES = ("terminator.cpp", "fft_conv.cpp")
 # -fopenmp: ATen's parallel_for is OpenMP in the headers. -march=native on x86-64
 # Linux: the build runs on the machine that uses it, and the blocked conv loops are
 # twice as fast with its vector width (docs/PERFORMANCE.md); the cache key then
@@ -126,6 +128,18 @@ def cache_root() -> Path:
         except (RuntimeError, KeyError) as exc:  # no $HOME and no passwd entry for this uid
             raise BuildError(f"no home directory to put the build cache in ({exc}); {_CACHE_HINT}") from None
     return Path(base) / "terminator-hyperzzw"
+
+
+def cpp_sources(src: Path) -> list[str]:
+    """The C++ sources to compile, relative to ``src``: CPP_SOURCES, then cpu/*.cpp sorted."""
+    sources = list(CPP_SOURCES) + sorted(str(p.relative_to(src)) for p in (src / "cpu").glob("*.cpp"))
+    # cpp_extension names each object after its file's name alone: two would overwrite one another.
+    stems = [Path(s).stem for s in sources]
+    clashes = sorted({s for s in sources if stems.count(Path(s).stem) > 1})
+    if clashes:
+        raise BuildError(f"C++ sources {', '.join(clashes)} in {src} would compile to the same object file; "
+                         "rename one")
+    return sources
 
 
 def cuda_sources(src: Path) -> list[str]:
@@ -499,7 +513,7 @@ def select_backend() -> BackendInfo:
     verbose = os.environ.get("TERMINATOR_VERBOSE_BUILD", "") == "1"
     try:
         src = source_dir()
-        sources = list(CPP_SOURCES) + (cuda_sources(src) if want_cuda else [])
+        sources = cpp_sources(src) + (cuda_sources(src) if want_cuda else [])
         result = build_and_load(EXTENSION_NAME, src, sources, verbose=verbose, **flags)
     except BuildError as exc:
         if requested != "auto":
