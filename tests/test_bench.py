@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_ops_tiny(tmp_path):
     out_json = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "bench_ops.py"), "--tiny", "--no-compile", "--repeats", "3",
+        [sys.executable, str(ROOT / "tools" / "bench" / "bench_ops.py"), "--tiny", "--no-compile", "--repeats", "3",
          "--warmup", "1", "--json", str(out_json)],
         capture_output=True, text=True, timeout=600,
     )
@@ -29,17 +29,17 @@ def test_bench_ops_tiny(tmp_path):
         assert r["fwdbwd"]["ours"] > 0 and r["fwdbwd"]["eager"] > 0
         assert set(r["peak_mb"]) >= {"ours", "eager"}
     # --report prints the saved run's table and targets again, the same as the run did.
-    report = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_ops.py"), "--report", str(out_json)],
+    report = subprocess.run([sys.executable, str(ROOT / "tools" / "bench" / "bench_ops.py"), "--report", str(out_json)],
                             capture_output=True, text=True, timeout=600)
     assert report.returncode == 0, report.stderr
     assert report.stdout.split("targets (")[1] == result.stdout.split("targets (")[1].split("wrote ")[0]
 
 
 def test_train_speed_tiny(tmp_path):
-    """tools/train_speed.py: both backends' workers and the step profile, on a tiny batch."""
+    """tools/bench/train_speed.py: both backends' workers and the step profile, on a tiny batch."""
     out_json = tmp_path / "speed.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "train_speed.py"), "--preset", "mnist1d", "--batch-size", "4",
+        [sys.executable, str(ROOT / "tools" / "bench" / "train_speed.py"), "--preset", "mnist1d", "--batch-size", "4",
          "--rounds", "1", "--steps", "1", "--warmup", "0", "--threads", "1", "--profile", "--profile-steps", "1",
          "--json", str(out_json)],
         capture_output=True, text=True, timeout=600,
@@ -54,7 +54,7 @@ def test_train_speed_tiny(tmp_path):
 def _bench_ops_module():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_ops", ROOT / "tools" / "bench_ops.py")
+    spec = importlib.util.spec_from_file_location("bench_ops", ROOT / "tools" / "bench" / "bench_ops.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("bench_ops", module)  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -247,7 +247,7 @@ def test_the_crossover_fit_keeps_kinds_and_dims_apart_and_uses_the_pairs_near_th
 
 def test_crossover_tiny(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "bench_ops.py"), "--crossover", "--tiny", "--repeats", "3",
+        [sys.executable, str(ROOT / "tools" / "bench" / "bench_ops.py"), "--crossover", "--tiny", "--repeats", "3",
          "--warmup", "1", "--budget", "1"],
         capture_output=True, text=True, timeout=600,
     )

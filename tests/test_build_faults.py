@@ -381,7 +381,7 @@ def test_sanitizer_build_without_its_runtime_says_how_to_preload_it(tmp_path):
     assert forced["error"] == "BuildError"
     assert "LD_PRELOAD=$(gcc -print-file-name=libasan.so)" in forced["message"]
     auto = _probe(tmp_path / "cache", **env)
-    assert auto["backend"] == "reference" and "tools/sanitize.sh" in auto["warnings"][0]
+    assert auto["backend"] == "reference" and "tools/ci/sanitize.sh" in auto["warnings"][0]
     assert not any((tmp_path / "cache").glob("*/*.so"))  # nothing built that would abort at load
 
 

@@ -13,7 +13,7 @@ with shrunken launch limits that push small inputs through the code paths of
 large ones (grid-stride loops, split reductions, the non-tiled fallback).
 
 On a machine with a CUDA device, ``test_cuda_device_*`` run the real kernels.
-That the .cu file compiles for sm_80 / sm_90 is checked by tools/check_cuda.sh.
+That the .cu file compiles for sm_80 / sm_90 is checked by tools/ci/check_cuda.sh.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ HARNESS = ROOT / "tests" / "cuda_harness" / "emulate.cpp"
 
 NO_CUDA_REASON = (
     "no CUDA device on this machine; CUDA kernels are verified by compilation "
-    "(tools/check_cuda.sh) and by host emulation"
+    "(tools/ci/check_cuda.sh) and by host emulation"
 )
 
 

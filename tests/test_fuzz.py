@@ -1,9 +1,9 @@
-"""Fuzzing the ops (tools/fuzz_ops.py): a CI-sized sample in a worker subprocess.
+"""Fuzzing the ops (tools/ci/fuzz_ops.py): a CI-sized sample in a worker subprocess.
 
 Every case must equal the float64 reference or raise a clean ValueError / TypeError /
 RuntimeError for invalid input; a crash or a hang of the worker fails with the case
 named. TERMINATOR_FUZZ_CASES sets the sample size (default 300); the dedicated run is
-``tools/fuzz_ops.py --cases 5000``.
+``tools/ci/fuzz_ops.py --cases 5000``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("fuzz_ops", ROOT / "tools" / "fuzz_ops.py")
+_spec = importlib.util.spec_from_file_location("fuzz_ops", ROOT / "tools" / "ci" / "fuzz_ops.py")
 fuzz_ops = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fuzz_ops)
 
@@ -42,7 +42,7 @@ def test_fuzz_sample(worker):
         result = worker.run(case)
         outcomes[result["outcome"]] += 1
         assert result["ok"], (f"{result['outcome']}: {fuzz_ops.describe(case)}\n{result['detail']}\n"
-                              f"replay: tools/fuzz_ops.py --replay <file with> {json.dumps(case)}")
+                              f"replay: tools/ci/fuzz_ops.py --replay <file with> {json.dumps(case)}")
 
     check()
     print(f"fuzz sample on the {worker.backend} backend: {dict(outcomes)}")

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 
-bash tools/setup_venv.sh "train"
+bash tools/ci/setup_venv.sh "train"
 
 echo "== terminator build"
 .venv/bin/python -m terminator build

@@ -4,20 +4,20 @@
 #   2. `terminator build`: compiles the C++ ops on the fly; in CI it must be the C++ backend
 #   3. every .cu compiled with nvcc against the CUDA build of torch's headers
 #   4. the op tests and a fuzz sample again on the pure-PyTorch fallback (TERMINATOR_BACKEND=reference)
-#   5. the op tests under AddressSanitizer + UBSan (tools/sanitize.sh)
+#   5. the op tests under AddressSanitizer + UBSan (tools/ci/sanitize.sh)
 #   6. the op and numerics tests on AVX2 and SSE2 builds (x86-64 Linux)
 #   7. the whole suite on the compiled backend
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash tools/setup_venv.sh "test,train"
+bash tools/ci/setup_venv.sh "test,train"
 
 echo "== terminator build"
 .venv/bin/python -m terminator build
 
 echo "== CUDA compile check (every .cu with nvcc, sm_80 and sm_90)"
 if command -v nvcc >/dev/null || [ "${CI:-}" = true ]; then
-  bash tools/check_cuda.sh
+  bash tools/ci/check_cuda.sh
 else
   echo "skipped: nvcc not on PATH (CI requires it)"
 fi
@@ -30,8 +30,8 @@ TERMINATOR_BACKEND=reference .venv/bin/python -m pytest -q -p no:cacheprovider t
 # The op tests (and a fuzz sample) against an ASan + UBSan build of the C++ ops; any
 # sanitizer report fails CI. The fuzz sample (tests/test_fuzz.py), determinism and
 # build-fault tests run in the full suite below; tests/test_large_index.py is opt-in.
-echo "== op tests under AddressSanitizer + UndefinedBehaviorSanitizer (tools/sanitize.sh)"
-bash tools/sanitize.sh
+echo "== op tests under AddressSanitizer + UndefinedBehaviorSanitizer (tools/ci/sanitize.sh)"
+bash tools/ci/sanitize.sh
 # ---- end of hardening -----------------------------------------------------------------
 
 # ---- narrower vectors (issue 3) -------------------------------------------------------

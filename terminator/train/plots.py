@@ -141,7 +141,7 @@ def _finite(v) -> bool:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """A ``metrics.csv`` (ours or tools/baseline_cnn.py's) as a list of float dicts."""
+    """A ``metrics.csv`` (ours or tools/experiments/baseline_cnn.py's) as a list of float dicts."""
     import csv
 
     with open(path, newline="", encoding="utf-8") as f:

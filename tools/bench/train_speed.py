@@ -2,9 +2,9 @@
 """Training speed of a preset on the compiled backend against the reference backend, and
 a profile of one training step (docs/RESULTS.md).
 
-    python tools/train_speed.py                         # fmnist preset, batch 128, 2 threads
-    python tools/train_speed.py --profile               # also: where one step's time goes
-    python tools/train_speed.py --preset seq784 --rounds 3 --steps 3
+    python tools/bench/train_speed.py                         # fmnist preset, batch 128, 2 threads
+    python tools/bench/train_speed.py --profile               # also: where one step's time goes
+    python tools/bench/train_speed.py --preset seq784 --rounds 3 --steps 3
 
 The backend is fixed when ``terminator.ops`` is imported, so each measurement is a worker
 process (``TERMINATOR_BACKEND=cpp`` or ``reference``); the workers alternate round by

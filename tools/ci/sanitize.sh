@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The op tests against an AddressSanitizer + UndefinedBehaviorSanitizer build of the C++ ops.
 #
-#   bash tools/sanitize.sh              # build (TERMINATOR_SANITIZE=1), self-test, op tests
-#   bash tools/sanitize.sh -k conv      # extra pytest arguments go to the op tests
+#   bash tools/ci/sanitize.sh              # build (TERMINATOR_SANITIZE=1), self-test, op tests
+#   bash tools/ci/sanitize.sh -k conv      # extra pytest arguments go to the op tests
 #
 # TERMINATOR_SANITIZE=1 makes terminator/ops/_build.py compile the extension with
 # -fsanitize=address,undefined -fno-omit-frame-pointer -g -O1, in its own cache entry.
@@ -25,7 +25,7 @@
 # that an out-of-bounds read and a signed overflow in it are reported, so a broken setup
 # (no runtime, wrong preload, options ignored) cannot pass silently.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 CC_FOR_RUNTIME=${CC_FOR_RUNTIME:-gcc}
 

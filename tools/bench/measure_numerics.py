@@ -11,8 +11,8 @@
 3. Determinism: SHA-256 of every output and gradient of tests/test_determinism.py's
    cases computed in fresh processes with 1..4 threads.
 
-    .venv/bin/python tools/measure_numerics.py --write docs/NUMERICS.md   # everything (~15 min)
-    .venv/bin/python tools/measure_numerics.py --quick                    # smaller sizes, prints only
+    .venv/bin/python tools/bench/measure_numerics.py --write docs/NUMERICS.md   # everything (~15 min)
+    .venv/bin/python tools/bench/measure_numerics.py --quick                    # smaller sizes, prints only
 
 The tables go between ``<!-- measured:NAME -->`` and ``<!-- /measured:NAME -->`` markers
 in the document, so the prose around them stays as written.
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's terminator and test helpers
 
 import terminator.ops as ops  # noqa: E402
@@ -246,7 +246,7 @@ def _environment(quick: bool) -> str:
     return (f"Measured {datetime.date.today().isoformat()} on {platform.machine()} ({os.cpu_count()} cores), "
             f"torch {torch.__version__}, backend {ops.backend().name}, {torch.get_num_threads()} threads; "
             f"sources: commit {commit}{' + local changes' if dirty else ''}, csrc hash "
-            f"{_build.source_hash(src, _build.cpp_sources(src))}; by `tools/measure_numerics.py"
+            f"{_build.source_hash(src, _build.cpp_sources(src))}; by `tools/bench/measure_numerics.py"
             f"{' --quick' if quick else ''}`.")
 
 

@@ -4,7 +4,7 @@
 # check that the CUDA kernels build on a machine that has nvcc but no GPU (and
 # a CPU-only torch). Exits non-zero, naming the file, on the first error.
 #
-#   bash tools/check_cuda.sh            # uses nvcc from PATH or /usr/local/cuda/bin
+#   bash tools/ci/check_cuda.sh            # uses nvcc from PATH or /usr/local/cuda/bin
 #
 # Environment:
 #   TERMINATOR_CUDA_TORCH   torch version whose headers to use (default 2.14.1)
@@ -15,7 +15,7 @@
 #   CUDA_CHECK_JOBS         files compiled in parallel (default: number of cores)
 set -euo pipefail
 
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
 
 torch_version="${TERMINATOR_CUDA_TORCH:-2.14.1}"

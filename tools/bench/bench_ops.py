@@ -18,10 +18,10 @@ page-faulting memory or reused memory depending on what ran before: the same 3×
 convolution forward measured 0.48 ms and 1.87 ms, and the eager reference 0.73 and 5.71 ms,
 in the first case of two processes. --default-malloc leaves glibc as it is.
 
-    python tools/bench_ops.py                    # all cases, 2 threads
-    python tools/bench_ops.py --only dot --repeats 30
-    python tools/bench_ops.py --tiny --json /tmp/b.json   # seconds: the test's smoke run
-    python tools/bench_ops.py --report docs/bench_ops.json  # a saved run's table and targets again
+    python tools/bench/bench_ops.py                    # all cases, 2 threads
+    python tools/bench/bench_ops.py --only dot --repeats 30
+    python tools/bench/bench_ops.py --tiny --json /tmp/b.json   # seconds: the test's smoke run
+    python tools/bench/bench_ops.py --report docs/bench_ops.json  # a saved run's table and targets again
 """
 
 from __future__ import annotations

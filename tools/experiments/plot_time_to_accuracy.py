@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """One time-to-accuracy plot (test accuracy against training minutes) from several runs.
 
-    python tools/plot_time_to_accuracy.py --out docs/fmnist_time_to_accuracy.png \\
+    python tools/experiments/plot_time_to_accuracy.py --out docs/fmnist_time_to_accuracy.png \\
         --run "Terminator fmnist=runs/fmnist/metrics.csv" \\
         --run "baseline CNN=runs/baseline_cnn/metrics.csv" --target 0.935 --target 0.949
 
 Each metrics.csv needs ``train_seconds`` and ``test_acc`` columns (``terminator train``
-with ``track_test: true``, or tools/baseline_cnn.py).
+with ``track_test: true``, or tools/experiments/baseline_cnn.py).
 """
 
 from __future__ import annotations

@@ -20,10 +20,10 @@ and replaced. Zero-size C or spatial dims may either give an empty result or a c
 error; B = 0 must give an empty result. A clean error whose message names no argument
 is counted as "unclear" and listed, not failed.
 
-    .venv/bin/python tools/fuzz_ops.py --cases 5000          # the dedicated run
-    .venv/bin/python tools/fuzz_ops.py --cases 200 --seed 7  # reproducible
-    .venv/bin/python tools/fuzz_ops.py --shrink              # stop at the first failure, minimize it
-    .venv/bin/python tools/fuzz_ops.py --replay case.json    # one case (the JSON printed), in-process
+    .venv/bin/python tools/ci/fuzz_ops.py --cases 5000          # the dedicated run
+    .venv/bin/python tools/ci/fuzz_ops.py --cases 200 --seed 7  # reproducible
+    .venv/bin/python tools/ci/fuzz_ops.py --shrink              # stop at the first failure, minimize it
+    .venv/bin/python tools/ci/fuzz_ops.py --replay case.json    # one case (the JSON printed), in-process
 
 tests/test_fuzz.py runs a few hundred cases of the same generator in CI.
 """
@@ -44,7 +44,7 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # this checkout's terminator (and its csrc), also in the workers
 
 FLOATS = ("float32", "float64", "float16", "bfloat16")

@@ -6,8 +6,8 @@ linear 256-ReLU, dropout 0.5, linear 10 (≈1.7 M parameters); Adam 2e-3, cosine
 epochs (15), batch 128, standardized inputs, no augmentation. Writes one CSV row per epoch
 (elapsed training seconds, test accuracy: a time-to-accuracy curve) and results.json.
 
-    python tools/baseline_cnn.py                          # 15 epochs, runs/baseline_cnn
-    python tools/baseline_cnn.py --epochs 1 --limit-train 2000 --out /tmp/cnn   # a smoke run
+    python tools/experiments/baseline_cnn.py                          # 15 epochs, runs/baseline_cnn
+    python tools/experiments/baseline_cnn.py --epochs 1 --limit-train 2000 --out /tmp/cnn   # a smoke run
 """
 
 from __future__ import annotations

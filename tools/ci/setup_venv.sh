@@ -3,7 +3,7 @@
 # editable, with the extras named in $1 (e.g. "test,train").
 # Used by tools/test.sh and tools/main_job.sh.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
