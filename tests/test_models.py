@@ -195,20 +195,9 @@ def test_same_outputs_and_gradients_on_compiled_and_reference_backends(data_dim,
         return [logits.detach(), x.grad.clone()] + [p.grad.clone() for p in model.parameters()]
 
     compiled = run()
-    calls = {"global": 0, "conv": 0}
-
-    def ref_global(*args, **kwargs):
-        calls["global"] += 1
-        return ops.reference.hyperzzw_global(*args, **kwargs)
-
-    def ref_conv(*args, **kwargs):
-        calls["conv"] += 1
-        return ops.reference.hyperkernel_conv(*args, **kwargs)
-
-    monkeypatch.setattr(ops, "hyperzzw_global", ref_global)
-    monkeypatch.setattr(ops, "hyperkernel_conv", ref_conv)
+    monkeypatch.setattr(ops, "_COMPILED_DEVICES", frozenset())  # the reference backend, in this process
+    monkeypatch.setattr(torch.ops, "terminator", None)  # which calls no compiled op
     reference = run()
-    assert calls["global"] == 3 * 6 and calls["conv"] == 3 * 4  # every product went through ops
     names = ["logits", "grad x"] + [n for n, _ in model.named_parameters()]
     for name, a, b in zip(names, compiled, reference):
         scale = b.abs().max().clamp_min(1e-30)

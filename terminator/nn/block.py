@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .layers import (
@@ -139,9 +138,8 @@ class SFNEBlock(nn.Module):
         prev = [tile_channels(p, self.channels) for p in previous]
         # The release's order (the bottleneck sees a permutation of the same channels).
         branches = [o1, b2, *prev[:1], fast, o2, b1, o4, b3, o3, b4, *prev[1:], o5]
-        out = self.bottleneck(torch.cat(branches, dim=1))
-        out = F.gelu(self.gibs(out))
-        return self.dropout(out + self.bias), k_g
+        out = self.bottleneck(branches)  # of their concatenation, never materialized
+        return self.dropout(self.gibs(out, gelu=True, bias=self.bias)), k_g
 
     def extra_repr(self) -> str:
         return (

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
@@ -45,16 +44,6 @@ def channel_mixer(cin: int, cout: int, init: str = "kaiming_normal") -> Pointwis
             nn.init.kaiming_uniform_(conv.weight, nonlinearity="linear")
         conv.bias.zero_()
     return conv
-
-
-def _pool_channels(x: torch.Tensor) -> torch.Tensor:
-    """``(B, C, *S)`` → the per-channel spatial mean as a 1D activation ``(B, 1, C)``."""
-    return x.flatten(2).mean(dim=2).unsqueeze(1)
-
-
-def _unpool_channels(s: torch.Tensor, data_dim: int) -> torch.Tensor:
-    """``(B, 1, C)`` → ``(B, C, 1[, 1])`` to broadcast over the spatial dims."""
-    return s.reshape(s.shape[0], s.shape[2], *((1,) * data_dim))
 
 
 class GlobalHyperZZW(nn.Module):
@@ -127,7 +116,7 @@ class LocalHyperZZW(nn.Module):
     def forward(self, context: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         kernel = self.slow_net(context)
         y = ops.hyperkernel_conv(u, kernel)
-        return F.gelu(self.batch_std(self.mixer(y))) + self.bias
+        return self.batch_std(self.mixer(y), gelu=True, bias=self.bias)
 
 
 class RGU(nn.Module):
@@ -148,16 +137,19 @@ class RGU(nn.Module):
         self.instance_std = InstanceStandardization()
         self.bias_map = nn.Parameter(torch.zeros(size))
 
+    def weights(self) -> ops.RguWeights:
+        return ops.RguWeights(self.w_k.weight, self.w_k.bias, self.w_v.weight, self.w_v.bias, self.w_q.weight,
+                              self.w_q.bias, self.w_y.weight, self.w_y.bias, self.bias_map)
+
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        gated = self.w_k(u) * self.w_q(self.w_v(u))
-        return self.w_y(F.gelu(self.instance_std(gated)) + self.bias_map)
+        return ops.rgu(u, self.weights())
 
 
 class HyperChannelInteraction(nn.Module):
     """Hyper-channel interaction: ``x ⊙ sigmoid(k ⊙ y ⊙ y)``.
 
     ``y (B, 1, C)`` is the per-channel spatial mean of ``x``; ``k (1, C)`` comes from a
-    channel slow net (:class:`SlowNetGC`); ``k ⊙ y ⊙ y`` is ``hyperzzw_global(k, y)``.
+    channel slow net (:class:`SlowNetGC`); computed by :func:`terminator.ops.hyper_interaction`.
     """
 
     def __init__(self, data_dim: int, channels: int, hidden: int = 32, num_layers: int = 2,
@@ -167,9 +159,7 @@ class HyperChannelInteraction(nn.Module):
         self.slow_net = SlowNetGC(channels, 1, hidden, num_layers, omega_0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _pool_channels(x)
-        score = torch.sigmoid(ops.hyperzzw_global(self.slow_net(), y, mode="dot"))
-        return x * _unpool_channels(score, self.data_dim)
+        return ops.hyper_interaction(x, None, self.slow_net())
 
 
 class HyperInteraction(nn.Module):
@@ -196,11 +186,7 @@ class HyperInteraction(nn.Module):
         self.spatial_slow_net = SlowNetG(data_dim, size, 1, spatial_hidden, num_layers, omega_0)
 
     def forward(self, y: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
-        y_c = _pool_channels(y)
-        score_c = _unpool_channels(ops.hyperzzw_global(self.channel_slow_net(), y_c, mode="dot"), self.data_dim)
-        y_s = y.mean(dim=1, keepdim=True)
-        score_s = ops.hyperzzw_global(self.spatial_slow_net(), y_s, mode="dot")
-        return (y if x is None else x) * torch.sigmoid(score_c * score_s)
+        return ops.hyper_interaction(y, x, self.channel_slow_net(), self.spatial_slow_net())
 
 
 class SiGLU(nn.Module):

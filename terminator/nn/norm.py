@@ -6,8 +6,9 @@ Activations are ``(B, C, *S)`` (1D or 2D); none of these has learnable parameter
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .. import ops
 
 __all__ = ["InstanceStandardization", "BatchStandardization", "GIBS"]
 
@@ -20,7 +21,7 @@ class InstanceStandardization(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.instance_norm(x, eps=self.eps)
+        return ops.standardize(x, "instance", eps=self.eps)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps:g}"
@@ -50,11 +51,11 @@ class BatchStandardization(nn.Module):
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        use_batch = self.training or not self.running_stats
-        return F.batch_norm(
-            x, self.running_mean, self.running_var, None, None, use_batch, self.momentum, self.eps
-        )
+    def forward(self, x: torch.Tensor, gelu: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Standardized ``x``; with ``gelu``, GELU of it; with ``bias`` (scalar), plus that."""
+        return ops.standardize(x, "batch", self.running_mean, self.running_var,
+                               use_batch_stats=self.training or not self.running_stats, momentum=self.momentum,
+                               eps=self.eps, gelu=gelu, bias=bias)
 
     def extra_repr(self) -> str:
         return f"{self.channels}, running_stats={self.running_stats}"
@@ -87,11 +88,12 @@ class GIBS(nn.Module):
         self.batch_std = BatchStandardization(len(bs), running_stats=running_stats)
         self.instance_std = InstanceStandardization()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = [self.batch_std(x.index_select(1, self.bs_index))]
-        if self.in_index.numel():
-            parts.append(self.instance_std(x.index_select(1, self.in_index)))
-        return torch.cat(parts, dim=1).index_select(1, self.order)
+    def forward(self, x: torch.Tensor, gelu: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Standardized ``x``; with ``gelu``, GELU of it; with ``bias`` (scalar), plus that."""
+        bs = self.batch_std
+        return ops.standardize(x, ops.ChannelGroups(self.bs_index, self.in_index, self.order), bs.running_mean,
+                               bs.running_var, use_batch_stats=bs.training or not bs.running_stats,
+                               momentum=bs.momentum, eps=bs.eps, gelu=gelu, bias=bias)
 
     def extra_repr(self) -> str:
         return f"channels={sum(self.splits)}, groups={len(self.splits)}"

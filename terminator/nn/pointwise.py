@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from .. import ops
+
 __all__ = ["Pointwise"]
 
 
@@ -14,8 +16,8 @@ class Pointwise(nn.Module):
     """``y[b, :, p] = W x[b, :, p] + bias`` for ``x (B, in, *S)`` → ``(B, out, *S)``, any ``S``.
 
     The same function as ``nn.Conv1d/Conv2d(in, out, kernel_size=1)`` with the same
-    default init (weight ``(out, in)``), as a matrix product: no per-shape kernel
-    creation, which costs tens of milliseconds per new shape with oneDNN convolutions.
+    default init (weight ``(out, in)``), computed by :func:`terminator.ops.pointwise`
+    (a matrix product: no per-shape oneDNN kernel creation).
     """
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
@@ -33,14 +35,10 @@ class Pointwise(nn.Module):
             bound = 1 / math.sqrt(self.in_channels)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.flatten(2)
-        # bmm with the weight expanded over the batch (torch.matmul's 2D @ 3D folding hits
-        # an AOTAutograd stride bug under torch.compile when the incoming gradient is a slice).
-        y = torch.bmm(self.weight.expand(flat.shape[0], -1, -1), flat)
-        if self.bias is not None:
-            y = y + self.bias.unsqueeze(-1)
-        return y.reshape(x.shape[0], self.out_channels, *x.shape[2:])
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """``x (B, in, *S)``, or a list of ``(B, C_j, *S)`` with ``Σ C_j = in`` taken as
+        their concatenation along channels (never materialized by the fused kernel)."""
+        return ops.pointwise(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, bias={self.bias is not None}"

@@ -18,9 +18,9 @@ import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from .pointwise import Pointwise
 
 __all__ = [
@@ -115,15 +115,15 @@ class MAGNet(nn.Module):
             self.output.weight.mul_(math.sqrt(1.0 / numel))
             self.output.bias.zero_()
 
+    def weights(self) -> ops.MagnetWeights:
+        return ops.MagnetWeights(
+            self.coords, [f.weight for f in self.filters], [f.bias for f in self.filters],
+            [lin.weight for lin in self.linears], [lin.bias for lin in self.linears], self.output.weight,
+            self.output.bias, self.bias_map,
+        )
+
     def forward(self, context_gates=None) -> torch.Tensor:
-        c = self.coords
-        p = self.bias_map.reshape(-1, 1)  # (N, 1): one value per position
-        h = torch.sin(self.filters[0](c)).unsqueeze(0)  # (1, N, hidden)
-        for i in range(1, self.num_layers + 1):
-            h = torch.sin(self.filters[i](c)) * self.linears[i - 1](h) + p
-            if context_gates is not None:
-                h = context_gates(i, h)
-        return self.output(h)  # (G, N, out)
+        return ops.reference.magnet(self.weights(), context_gates)  # (G, N, out)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, hidden={self.hidden}, num_layers={self.num_layers}, omega_0={self.omega_0:g}"
@@ -253,13 +253,17 @@ class LocalContext(nn.Module):
                 nn.init.kaiming_uniform_(lin.weight, nonlinearity="linear")
                 lin.bias.fill_(1.0)
 
+    def weights(self, alpha: torch.Tensor, beta: torch.Tensor) -> ops.LocalContextWeights:
+        """With the slow net's re-normalization ``alpha``, ``beta`` ``(L, hidden)``."""
+        return ops.LocalContextWeights(
+            self.reduce.weight, self.reduce.bias, self.fc.weight, self.fc.bias,
+            [g.weight for g in self.gates], [g.bias for g in self.gates], alpha, beta,
+        )
+
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        pool = F.adaptive_avg_pool1d if self.data_dim == 1 else F.adaptive_avg_pool2d
-        c = self.reduce(pool(u, self.kernel_size))
-        if self.local_context == "batch":
-            c = c.mean(dim=0, keepdim=True)
-        c = F.gelu(self.fc(c))
-        return c.flatten(2).transpose(1, 2)  # (B', N, hidden)
+        """``u (B, C, *S)`` → the context ``(B', N, hidden)``."""
+        weights = self.weights(torch.empty(0), torch.empty(0))
+        return ops.reference.local_context(u, self.kernel_size, weights, self.local_context == "batch")
 
     def extra_repr(self) -> str:
         return f"local_context={self.local_context!r}"
@@ -295,11 +299,6 @@ class SlowNetL(nn.Module):
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """``u (B, C, *S)`` (the context) → kernel ``(B, C, *K)``, or ``(1, C, *K)`` for "batch"."""
-        ctx = self.context(u)
-
-        def gate(i: int, h: torch.Tensor) -> torch.Tensor:
-            h = self.renorm_alpha[i - 1] * h + self.renorm_beta[i - 1] * F.normalize(h, dim=1)
-            return h * self.context.gates[i - 1](ctx)
-
-        out = self.magnet(gate)  # (B', N, C)
-        return out.transpose(1, 2).reshape(out.shape[0], self.channels, *self.kernel_size)
+        return ops.local_kernel(u, self.kernel_size, self.magnet.weights(),
+                                self.context.weights(self.renorm_alpha, self.renorm_beta),
+                                batch_context=self.context.local_context == "batch")

@@ -15,7 +15,7 @@ Environment:
     TERMINATOR_VERBOSE_BUILD  1 to show the compiler's output
     TERMINATOR_SANITIZE       1 to build with AddressSanitizer + UndefinedBehaviorSanitizer
                               (-O1 -g, its own cache entry); the process must have the ASan
-                              runtime preloaded (tools/sanitize.sh shows how)
+                              runtime preloaded (tools/ci/sanitize.sh shows how)
 
 A cached build is used only when its COMPLETE marker is present and the library's size
 and SHA-256 match the ones the marker recorded (a truncated library would crash the
@@ -378,7 +378,7 @@ def build_and_load(
         raise BuildError(
             "TERMINATOR_SANITIZE=1 builds with AddressSanitizer, whose runtime must be loaded "
             "before anything else: run python with LD_PRELOAD=$(gcc -print-file-name=libasan.so) "
-            "and ASAN_OPTIONS=detect_leaks=0 (tools/sanitize.sh does this)"
+            "and ASAN_OPTIONS=detect_leaks=0 (tools/ci/sanitize.sh does this)"
         )
 
     # Fast path, no lock: an intact cached build.

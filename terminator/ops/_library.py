@@ -412,7 +412,7 @@ def autocast_inputs(device_type: str, *tensors):
 
     The policy of PyTorch's convolutions: floating inputs run in the lower precision.
     """
-    if not torch.is_autocast_enabled(device_type):
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(

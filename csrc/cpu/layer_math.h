@@ -1,0 +1,320 @@
+// Building blocks of the network's layer kernels (pointwise.cpp, standardize.cpp, rgu.cpp,
+// local_kernel.cpp): elementwise math that GCC vectorizes, channel mixing of one sample's
+// (C, N) planes, per-row standardization, and deterministic partial sums over the batch.
+// Planes are row-major (rows, N). float and double only.
+#pragma once
+
+#include "../common.h"
+#include "vec.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace terminator {
+namespace cpu {
+
+// ---- argument checks (the Python wrappers check the same) -------------------------
+
+inline void check_dtype_device(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                               const char* ref_name) {
+  check_defined(t, name);
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on the same device as ", ref_name, " (",
+                    ref.device(), "), got ", t.device());
+  TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), name, " must have the same dtype as ", ref_name,
+                    " (", dtype_str(ref.scalar_type()), "), got ", dtype_str(t.scalar_type()));
+}
+
+// (B, C, *S) with at least one spatial dim, float32 or float64 (other dtypes run the
+// layers' reference compositions).
+inline void check_layer_activation(const at::Tensor& t, const char* name) {
+  check_defined(t, name);
+  TORCH_CHECK_VALUE(t.dim() >= 3, name, " must have shape (B, C, *S) with at least one spatial dim, got ",
+                    shape_str(t.sizes()));
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
+                    " must be float32 or float64 for the fused layer kernels, got ", dtype_str(t.scalar_type()));
+}
+
+inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  check_dtype_device(t, name, ref, ref_name);
+  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), name, " must have the shape of ", ref_name, " ",
+                    shape_str(ref.sizes()), ", got ", shape_str(t.sizes()));
+}
+
+// ---- elementwise math -----------------------------------------------------------
+// float: branch-free approximations (a few ulp; erf as ATen's vectorized CPU erf, within
+// 1.5e-7) so that loops over them vectorize; double: the C library.
+
+inline float bits_to_float(int32_t i) { return __builtin_bit_cast(float, i); }
+inline int32_t float_to_bits(float f) { return __builtin_bit_cast(int32_t, f); }
+
+inline float exp_(float x) {
+  x = std::min(std::max(x, -87.33654f), 88.72284f);
+  // x = n·ln2 + r with n an integer: adding 1.5·2^23 rounds to one (no floor, which
+  // GCC does not vectorize without -fno-trapping-math), and its low bits are n.
+  constexpr float kShift = 12582912.0f;
+  const float shifted = x * 1.44269504088896341f + kShift;
+  const float n = shifted - kShift;
+  const int32_t n_bits = float_to_bits(shifted) - float_to_bits(kShift);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 split in two parts
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * bits_to_float((n_bits + 127) << 23);
+}
+inline double exp_(double x) { return std::exp(x); }
+
+inline float erf_(float x) {
+  const float a = std::fabs(x);
+  const float t = 1.0f / (1.0f + 0.3275911f * a);
+  float p = 1.061405429f;
+  p = p * t - 1.453152027f;
+  p = p * t + 1.421413741f;
+  p = p * t - 0.284496736f;
+  p = p * t + 0.254829592f;
+  const float y = 1.0f - p * t * exp_(-a * a);
+  return std::copysign(y, x);
+}
+inline double erf_(double x) { return std::erf(x); }
+
+// GELU (exact, with erf) and its derivative, as torch.nn.functional.gelu.
+template <typename T>
+inline T gelu(T x) {
+  return T(0.5) * x * (T(1) + erf_(x * T(M_SQRT1_2)));
+}
+template <typename T>
+inline T gelu_grad(T x) {
+  const T cdf = T(0.5) * (T(1) + erf_(x * T(M_SQRT1_2)));
+  const T pdf = exp_(T(-0.5) * x * x) * T(0.5 * M_2_SQRTPI * M_SQRT1_2);
+  return cdf + x * pdf;
+}
+
+template <typename T>
+inline T sigmoid(T x) {
+  return T(1) / (T(1) + exp_(-x));
+}
+
+// ---- channel mixing of one sample ------------------------------------------------
+
+// One vector register of T (vec.h), loaded and stored unaligned.
+template <typename T>
+struct Simd {
+  static constexpr int64_t kLanes = cpu::kLanes<T>;
+  using type = typename Vec<T>::type;
+  static type load(const T* p) { return *reinterpret_cast<const type*>(p); }
+  static void store(T* p, type v) { *reinterpret_cast<type*>(p) = v; }
+  static type splat(T v) { return v - type{}; }  // v − 0 is v exactly, so this is a broadcast
+};
+
+// Columns [n, n + V·lanes) of y rows [o, o + R) from x with row stride ldx (R ≤ 4, V ≤ 2):
+// the register tile of mix.
+template <typename T, int R, int V>
+__attribute__((always_inline)) inline void mix_tile(const T* __restrict__ w, int64_t ldw, const T* __restrict__ b, const T* __restrict__ x,
+                     int64_t ldx, int64_t cin, T* __restrict__ y, int64_t ldy, bool accumulate) {
+  using S = Simd<T>;
+  using Vt = typename S::type;
+  constexpr int64_t L = S::kLanes;
+  Vt acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = S::splat(b ? b[r] : T(0));
+  for (int64_t i = 0; i < cin; ++i) {
+    Vt xv[V];
+    for (int v = 0; v < V; ++v) xv[v] = S::load(x + i * ldx + v * L);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const Vt wv = S::splat(w[r * ldw + i]);
+      for (int v = 0; v < V; ++v) acc[r][v] += wv * xv[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) {
+      T* yr = y + r * ldy + v * L;
+      S::store(yr, accumulate ? S::load(yr) + acc[r][v] : acc[r][v]);
+    }
+}
+
+// Rows [o, cout) of a column block, in tiles of 4 rows, then the leftover rows one by one.
+template <typename T, int V>
+__attribute__((always_inline)) inline void mix_columns(const T* w, int64_t ldw, const T* b, const T* x, int64_t ldx, int64_t cin, int64_t cout,
+                        T* y, int64_t ldy, bool accumulate) {
+  int64_t o = 0;
+  for (; o + 4 <= cout; o += 4)
+    mix_tile<T, 4, V>(w + o * ldw, ldw, b ? b + o : nullptr, x, ldx, cin, y + o * ldy, ldy, accumulate);
+  for (; o < cout; ++o)
+    mix_tile<T, 1, V>(w + o * ldw, ldw, b ? b + o : nullptr, x, ldx, cin, y + o * ldy, ldy, accumulate);
+}
+
+// y (Cout, N) = w (Cout, Cin) · x (Cin, N) [+ b (Cout)]; with accumulate, y += w·x [+ b].
+// ldw is w's row stride (a column slice of a wider matrix has ldw > Cin). Columns go in
+// blocks of two vectors, then one, then a last partial vector through a zero-padded copy.
+template <typename T>
+void mix(const T* __restrict__ w, const T* __restrict__ b, const T* __restrict__ x, int64_t cin,
+         int64_t cout, int64_t N, T* __restrict__ y, bool accumulate = false, int64_t ldw = -1) {
+  if (ldw < 0) ldw = cin;
+  constexpr int64_t L = Simd<T>::kLanes;
+  int64_t n = 0;
+  for (; n + 2 * L <= N; n += 2 * L) mix_columns<T, 2>(w, ldw, b, x + n, N, cin, cout, y + n, N, accumulate);
+  for (; n + L <= N; n += L) mix_columns<T, 1>(w, ldw, b, x + n, N, cin, cout, y + n, N, accumulate);
+  const int64_t rest = N - n;
+  if (rest == 0) return;
+  thread_local std::vector<T> xt, yt;  // reused: this runs once per call of mix
+  xt.assign(cin * L, T(0));
+  yt.assign(cout * L, T(0));
+  for (int64_t i = 0; i < cin; ++i) std::memcpy(&xt[i * L], x + i * N + n, rest * sizeof(T));
+  if (accumulate)
+    for (int64_t o = 0; o < cout; ++o) std::memcpy(&yt[o * L], y + o * N + n, rest * sizeof(T));
+  mix_columns<T, 1>(w, ldw, b, xt.data(), L, cin, cout, yt.data(), L, accumulate);
+  for (int64_t o = 0; o < cout; ++o) std::memcpy(y + o * N + n, &yt[o * L], rest * sizeof(T));
+}
+
+// Sum of a vector's lanes, in lane order.
+template <typename T>
+inline T lane_sum(typename Simd<T>::type v) {
+  T s = 0;
+  for (int64_t l = 0; l < Simd<T>::kLanes; ++l) s += v[l];
+  return s;
+}
+
+// gw[o0..o0+R, i0..i0+Q] += Σ_n gy[o, n]·x[i, n]: R·Q sums in vectors over n, then the tail.
+template <typename T, int R, int Q>
+__attribute__((always_inline)) inline void weight_grad_tile(const T* __restrict__ gy, const T* __restrict__ x,
+                                                            int64_t N, T* __restrict__ gw, int64_t ldw) {
+  using S = Simd<T>;
+  using Vt = typename S::type;
+  constexpr int64_t L = S::kLanes;
+  Vt acc[R][Q];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < Q; ++q) acc[r][q] = S::splat(T(0));
+  int64_t n = 0;
+  for (; n + L <= N; n += L) {
+    Vt xv[Q];
+    for (int q = 0; q < Q; ++q) xv[q] = S::load(x + q * N + n);
+    for (int r = 0; r < R; ++r) {
+      const Vt g = S::load(gy + r * N + n);
+      for (int q = 0; q < Q; ++q) acc[r][q] += g * xv[q];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < Q; ++q) {
+      T s = lane_sum<T>(acc[r][q]);
+      for (int64_t m = n; m < N; ++m) s += gy[r * N + m] * x[q * N + m];
+      gw[r * ldw + q] += s;
+    }
+}
+
+// gw (Cout, Cin) += gy (Cout, N) · x (Cin, N)ᵀ; gb (Cout) += row sums of gy (if gb).
+template <typename T>
+void accumulate_weight_grad(const T* __restrict__ gy, const T* __restrict__ x, int64_t cin,
+                            int64_t cout, int64_t N, T* __restrict__ gw, T* __restrict__ gb,
+                            int64_t ldw = -1) {
+  if (ldw < 0) ldw = cin;
+  int64_t o = 0;
+  for (; o + 4 <= cout; o += 4) {
+    int64_t i = 0;
+    for (; i + 2 <= cin; i += 2) weight_grad_tile<T, 4, 2>(gy + o * N, x + i * N, N, gw + o * ldw + i, ldw);
+    for (; i < cin; ++i) weight_grad_tile<T, 4, 1>(gy + o * N, x + i * N, N, gw + o * ldw + i, ldw);
+  }
+  for (; o < cout; ++o) {
+    int64_t i = 0;
+    for (; i + 2 <= cin; i += 2) weight_grad_tile<T, 1, 2>(gy + o * N, x + i * N, N, gw + o * ldw + i, ldw);
+    for (; i < cin; ++i) weight_grad_tile<T, 1, 1>(gy + o * N, x + i * N, N, gw + o * ldw + i, ldw);
+  }
+  if (gb) {
+    using S = Simd<T>;
+    constexpr int64_t L = S::kLanes;
+    for (int64_t r = 0; r < cout; ++r) {
+      const T* g = gy + r * N;
+      auto acc = S::splat(T(0));
+      int64_t n = 0;
+      for (; n + L <= N; n += L) acc += S::load(g + n);
+      T s = lane_sum<T>(acc);
+      for (; n < N; ++n) s += g[n];
+      gb[r] += s;
+    }
+  }
+}
+
+// wt (Cin, Cout) = w (Cout, Cin)ᵀ, to mix gradients back: gx = wᵀ·gy.
+template <typename T>
+std::vector<T> transposed(const T* w, int64_t cout, int64_t cin, int64_t ldw = -1) {
+  if (ldw < 0) ldw = cin;
+  std::vector<T> wt(cout * cin);
+  for (int64_t o = 0; o < cout; ++o)
+    for (int64_t i = 0; i < cin; ++i) wt[i * cout + o] = w[o * ldw + i];
+  return wt;
+}
+
+// ---- deterministic batch reductions ----------------------------------------------
+// Work is cut into fixed chunks of samples (independent of the thread count); each chunk
+// sums into its own slot, and the slots are added in order afterwards, so results do not
+// depend on the thread count.
+
+struct Chunks {
+  int64_t count, size;
+};
+
+inline Chunks sample_chunks(int64_t B) {  // at most 16 chunks
+  const int64_t size = std::max<int64_t>(1, (B + 15) / 16);
+  return {(B + size - 1) / size, size};
+}
+
+// fn(chunk, b0, b1) for every chunk, in parallel.
+template <class Fn>
+void for_each_chunk(const Chunks& ch, int64_t B, const Fn& fn) {
+  at::parallel_for(0, ch.count, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) fn(c, c * ch.size, std::min(B, (c + 1) * ch.size));
+  });
+}
+
+// Sums slots (count, n) into out (n), in slot order.
+template <typename T>
+void sum_slots(const std::vector<T>& slots, int64_t count, int64_t n, T* out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = T(0);
+  for (int64_t c = 0; c < count; ++c)
+    for (int64_t j = 0; j < n; ++j) out[j] += slots[c * n + j];
+}
+
+// ---- instance standardization of one plane ---------------------------------------
+// y = (x - mean) · rstd over N values; returns rstd. Biased variance, as instance_norm.
+
+template <typename T>
+T standardize_row(const T* x, int64_t N, T eps, T* y, T* mean_out = nullptr) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t n = 0; n < N; ++n) s += x[n];
+  const T mean = s / T(N);
+  if (mean_out) *mean_out = mean;
+  T v = 0;
+#pragma omp simd reduction(+ : v)
+  for (int64_t n = 0; n < N; ++n) v += (x[n] - mean) * (x[n] - mean);
+  const T rstd = T(1) / std::sqrt(v / T(N) + eps);
+#pragma omp simd
+  for (int64_t n = 0; n < N; ++n) y[n] = (x[n] - mean) * rstd;
+  return rstd;
+}
+
+// Gradient through y = standardize(x): gx = rstd·(gy − mean(gy) − y·mean(gy·y)).
+template <typename T>
+void standardize_row_backward(const T* gy, const T* __restrict__ y, T rstd, int64_t N, T* gx) {
+  T sg = 0, sgy = 0;
+#pragma omp simd reduction(+ : sg, sgy)
+  for (int64_t n = 0; n < N; ++n) {
+    sg += gy[n];
+    sgy += gy[n] * y[n];
+  }
+  const T mg = sg / T(N), mgy = sgy / T(N);
+#pragma omp simd
+  for (int64_t n = 0; n < N; ++n) gx[n] = rstd * (gy[n] - mg - y[n] * mgy);
+}
+
+}  // namespace cpu
+}  // namespace terminator
