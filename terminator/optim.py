@@ -49,25 +49,28 @@ class _Kar(Optimizer):
         for group in self.param_groups:
             lr = group["lr"]
             betas = self._betas(group)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if g.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if any(g.is_sparse for g in grads):
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            for p in params:
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
                     for n in range(len(betas)):
                         state[f"exp_avg_{n + 1}"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                means = [state[f"exp_avg_{n + 1}"] for n in range(len(betas))]
-                direction = torch.sign(g)
-                for m in means:
-                    direction = direction + torch.sign(m)
-                p.add_(direction, alpha=-lr)
-                for m, beta in zip(means, betas):
-                    m.lerp_(g, 1.0 - beta)
-                state["step"] += 1
+            states = [self.state[p] for p in params]
+            means = [[st[f"exp_avg_{n + 1}"] for st in states] for n in range(len(betas))]
+            # One multi-tensor kernel per operation instead of one kernel per parameter.
+            direction = torch._foreach_sign(grads)
+            for m in means:
+                torch._foreach_add_(direction, torch._foreach_sign(m))
+            torch._foreach_add_(params, direction, alpha=-lr)
+            for m, beta in zip(means, betas):
+                torch._foreach_lerp_(m, grads, 1.0 - beta)
+            torch._foreach_add_([st["step"] for st in states], 1)
         return loss
 
 
