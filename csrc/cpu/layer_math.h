@@ -156,10 +156,39 @@ __attribute__((always_inline)) inline void mix_columns(const T* w, int64_t ldw, 
 // y (Cout, N) = w (Cout, Cin) · x (Cin, N) [+ b (Cout)]; with accumulate, y += w·x [+ b].
 // ldw is w's row stride (a column slice of a wider matrix has ldw > Cin). Columns go in
 // blocks of two vectors, then one, then a last partial vector through a zero-padded copy.
+// Products with large matrices (multiply-adds per column) and enough work in all go to
+// ATen's BLAS, faster there than the register tiles below; smaller ones are bound by memory
+// and by the cost of the call.
+constexpr int64_t kBlasMinProduct = 48 * 48, kBlasMinWork = int64_t{1} << 20;
+inline bool use_blas(int64_t cin, int64_t cout, int64_t N) {
+  return cin * cout >= kBlasMinProduct && cin * cout * N >= kBlasMinWork;
+}
+
+template <typename T>
+at::Tensor matrix_view(const T* p, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride = 1) {
+  return at::from_blob(const_cast<T*>(p), {rows, cols}, {row_stride, col_stride},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
 template <typename T>
 void mix(const T* __restrict__ w, const T* __restrict__ b, const T* __restrict__ x, int64_t cin,
          int64_t cout, int64_t N, T* __restrict__ y, bool accumulate = false, int64_t ldw = -1) {
   if (ldw < 0) ldw = cin;
+  if (use_blas(cin, cout, N)) {
+    auto Y = matrix_view(y, cout, N, N);
+    const auto W = matrix_view(w, cout, cin, ldw), X = matrix_view(x, cin, N, N);
+    if (b) {
+      const auto bias = matrix_view(b, cout, N, 1, 0);
+      if (accumulate) Y.add_(bias);
+      else Y.copy_(bias);
+      Y.addmm_(W, X);
+    } else if (accumulate) {
+      Y.addmm_(W, X);
+    } else {
+      at::mm_out(Y, W, X);
+    }
+    return;
+  }
   constexpr int64_t L = Simd<T>::kLanes;
   int64_t n = 0;
   for (; n + 2 * L <= N; n += 2 * L) mix_columns<T, 2>(w, ldw, b, x + n, N, cin, cout, y + n, N, accumulate);
@@ -218,6 +247,10 @@ void accumulate_weight_grad(const T* __restrict__ gy, const T* __restrict__ x, i
                             int64_t ldw = -1) {
   if (ldw < 0) ldw = cin;
   int64_t o = 0;
+  if (use_blas(cin, cout, N)) {
+    matrix_view(gw, cout, cin, ldw).addmm_(matrix_view(gy, cout, N, N), matrix_view(x, N, cin, 1, N));
+    o = cout;  // only the bias sums below
+  }
   for (; o + 4 <= cout; o += 4) {
     int64_t i = 0;
     for (; i + 2 <= cin; i += 2) weight_grad_tile<T, 4, 2>(gy + o * N, x + i * N, N, gw + o * ldw + i, ldw);
@@ -266,6 +299,29 @@ inline Chunks sample_chunks(int64_t B) {  // at most 16 chunks
   const int64_t size = std::max<int64_t>(1, (B + 15) / 16);
   return {(B + size - 1) / size, size};
 }
+
+// Chunks of samples that run as one block plane (C, nb·N), the samples' planes side by
+// side: at least min_columns columns, at most max_chunks chunks; fixed by B and N only.
+inline Chunks block_chunks(int64_t B, int64_t N, int64_t min_columns = 256, int64_t max_chunks = 32) {
+  const int64_t size = std::max<int64_t>(
+      {int64_t{1}, (min_columns + N - 1) / std::max<int64_t>(1, N), (B + max_chunks - 1) / max_chunks});
+  return {(B + size - 1) / size, size};
+}
+
+// planes (nb, C, N) ↔ a block plane (C, nb·N).
+template <typename T>
+void to_block(const T* planes, int64_t nb, int64_t C, int64_t N, T* block) {
+  for (int64_t j = 0; j < nb; ++j)
+    for (int64_t c = 0; c < C; ++c) std::memcpy(block + c * nb * N + j * N, planes + (j * C + c) * N, N * sizeof(T));
+}
+template <typename T>
+void from_block(const T* block, int64_t nb, int64_t C, int64_t N, T* planes) {
+  for (int64_t j = 0; j < nb; ++j)
+    for (int64_t c = 0; c < C; ++c) std::memcpy(planes + (j * C + c) * N, block + c * nb * N + j * N, N * sizeof(T));
+}
+
+// Samples whose planes of N columns run side by side as one block: enough for 256 columns.
+inline int64_t block_samples(int64_t N) { return std::max<int64_t>(1, (256 + N - 1) / std::max<int64_t>(1, N)); }
 
 // fn(chunk, b0, b1) for every chunk, in parallel.
 template <class Fn>

@@ -340,26 +340,6 @@ void block_backward(const Geometry& g, const Params<T>& P, const Shared<T>& sh,
   mix(wt[2 * L + 2].data(), static_cast<const T*>(nullptr), g_c1.data(), H, g.C, M, g_pooled);
 }
 
-// Blocks of samples with at least kBlockPositions positions side by side, fixed by G and
-// Nk only (so the sums do not depend on the thread count).
-constexpr int64_t kBlockPositions = 256;
-inline Chunks block_chunks(int64_t G, int64_t Nk) {
-  const int64_t size = std::max<int64_t>(1, (kBlockPositions + Nk - 1) / Nk);
-  return {(G + size - 1) / size, std::min(size, std::max<int64_t>(G, 1))};
-}
-
-// planes (nb, C, Nk) ↔ a block plane (C, nb·Nk).
-template <typename T>
-void to_block(const T* planes, int64_t nb, int64_t C, int64_t Nk, T* block) {
-  for (int64_t j = 0; j < nb; ++j)
-    for (int64_t c = 0; c < C; ++c) std::memcpy(block + c * nb * Nk + j * Nk, planes + (j * C + c) * Nk, Nk * sizeof(T));
-}
-template <typename T>
-void from_block(const T* block, int64_t nb, int64_t C, int64_t Nk, T* planes) {
-  for (int64_t j = 0; j < nb; ++j)
-    for (int64_t c = 0; c < C; ++c) std::memcpy(planes + (j * C + c) * Nk, block + c * nb * Nk + j * Nk, Nk * sizeof(T));
-}
-
 template <typename T>
 Params<T> params_of(const std::vector<at::Tensor>& w, int64_t L) {
   // w: coords, fw[L+1], fb[L+1], lw[L], lb[L], ow, ob, p, alpha, beta, rw, rb, cw, cb, gw[L], gb[L]
@@ -470,7 +450,7 @@ void local_kernel_impl(const at::Tensor& u, const Geometry& g, const std::vector
   filter_sines(g, P, a, s);
   const auto pooled = pooled_contexts(g, u.data_ptr<T>(), batch_context);
   const int64_t G = batch_context ? 1 : g.B;
-  const Chunks ch = block_chunks(G, g.Nk);
+  const Chunks ch = block_chunks(G, g.Nk, 256, /*max_chunks=*/int64_t{1} << 30);
   const Shared<T> sh(g, P, s, ch.size);
   T* out = kernel.data_ptr<T>();
   const int64_t plane = g.C * g.Nk;
@@ -500,7 +480,7 @@ void local_kernel_backward_impl(const at::Tensor& gk_, const at::Tensor& u, cons
   wt.push_back(transposed(P.rw, H, g.C));
   const auto pooled = pooled_contexts(g, u.data_ptr<T>(), batch_context);
   const int64_t G = batch_context ? 1 : g.B;
-  const Chunks ch = block_chunks(G, g.Nk);
+  const Chunks ch = block_chunks(G, g.Nk, 256, /*max_chunks=*/int64_t{1} << 30);
   const Shared<T> sh(g, P, s, ch.size);
   const T* gk = gk_.data_ptr<T>();
   const int64_t plane = g.C * Nk;

@@ -21,14 +21,24 @@ void pointwise_impl(const std::vector<at::Tensor>& xs, const std::vector<int64_t
   const int64_t ldw = offs.back();
   const T* wd = w.data_ptr<T>();
   T* yd = y.data_ptr<T>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t s = b0; s < b1; ++s) {
-      for (size_t j = 0; j < xs.size(); ++j) {
-        const int64_t cin = offs[j + 1] - offs[j];
-        mix(wd + offs[j], j == 0 ? b : static_cast<const T*>(nullptr), xs[j].data_ptr<T>() + s * cin * N,
-            cin, cout, N, yd + s * cout * N, /*accumulate=*/j > 0, ldw);
+  const int64_t per = block_samples(N);
+  const Chunks ch{(B + per - 1) / per, per};
+  for_each_chunk(ch, B, [&](int64_t, int64_t b0, int64_t b1) {
+    const int64_t nb = b1 - b0, M = nb * N;
+    std::vector<T> xb, yb(nb > 1 ? cout * M : 0);
+    T* out = nb > 1 ? yb.data() : yd + b0 * cout * N;
+    for (size_t j = 0; j < xs.size(); ++j) {
+      const int64_t cin = offs[j + 1] - offs[j];
+      const T* in = xs[j].data_ptr<T>() + b0 * cin * N;
+      if (nb > 1) {
+        xb.resize(cin * M);
+        to_block(in, nb, cin, N, xb.data());
+        in = xb.data();
       }
+      mix(wd + offs[j], j == 0 ? b : static_cast<const T*>(nullptr), in, cin, cout, M, out,
+          /*accumulate=*/j > 0, ldw);
     }
+    if (nb > 1) from_block(out, nb, cout, N, yd + b0 * cout * N);
   });
 }
 
@@ -41,18 +51,36 @@ void pointwise_backward_impl(const at::Tensor& gy, const std::vector<at::Tensor>
   const T* gyd = gy.data_ptr<T>();
   const auto wt = transposed(w.data_ptr<T>(), cout, ldw);  // (ldw, cout)
   const int64_t slot = cout * ldw + cout;
+  // Chunks of samples for the weight gradient's sums; within one, blocks of short planes.
   const Chunks ch = sample_chunks(B);
   std::vector<T> slots(ch.count * slot, T(0));
   for_each_chunk(ch, B, [&](int64_t c, int64_t b0, int64_t b1) {
     T* acc = slots.data() + c * slot;
-    for (int64_t s = b0; s < b1; ++s) {
+    const int64_t per_block = block_samples(N);
+    std::vector<T> gyb, xb, gxb;
+    for (int64_t s = b0; s < b1; s += per_block) {
+      const int64_t per = std::min(b1, s + per_block) - s, M = per * N;
       const T* g = gyd + s * cout * N;
+      if (per > 1) {
+        gyb.resize(cout * M);
+        to_block(g, per, cout, N, gyb.data());
+        g = gyb.data();
+      }
       for (size_t j = 0; j < xs.size(); ++j) {
         const int64_t cin = offs[j + 1] - offs[j];
-        mix(wt.data() + offs[j] * cout, static_cast<const T*>(nullptr), g, cout, cin, N,
-            gxs[j].data_ptr<T>() + s * cin * N);
-        accumulate_weight_grad(g, xs[j].data_ptr<T>() + s * cin * N, cin, cout, N, acc + offs[j],
-                               j == 0 ? acc + cout * ldw : static_cast<T*>(nullptr), ldw);
+        const T* x = xs[j].data_ptr<T>() + s * cin * N;
+        T* gx = gxs[j].data_ptr<T>() + s * cin * N;
+        if (per > 1) {
+          xb.resize(cin * M);
+          gxb.resize(cin * M);
+          to_block(x, per, cin, N, xb.data());
+          x = xb.data();
+        }
+        mix(wt.data() + offs[j] * cout, static_cast<const T*>(nullptr), g, cout, cin, M,
+            per > 1 ? gxb.data() : gx);
+        if (per > 1) from_block(gxb.data(), per, cin, N, gx);
+        accumulate_weight_grad(g, x, cin, cout, M, acc + offs[j], j == 0 ? acc + cout * ldw : static_cast<T*>(nullptr),
+                               ldw);
       }
     }
   });

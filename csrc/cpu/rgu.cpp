@@ -1,5 +1,6 @@
-// The recursive gated unit, r = W_y(GELU(IN(W_k u ⊙ W_q(W_v u))) + P), one sample at a
-// time with its planes in cache; the backward recomputes the forward's intermediates.
+// The recursive gated unit, r = W_y(GELU(IN(W_k u ⊙ W_q(W_v u))) + P), a block of samples
+// at a time (their planes side by side, in cache); the backward recomputes the forward's
+// intermediates.
 #include "layer_math.h"
 #include "layers.h"
 
@@ -11,33 +12,33 @@ namespace {
 
 constexpr double kInstanceEps = 1e-5;
 
-struct RguWeights {
-  const void *wk, *bk, *wv, *bv, *wq, *bq, *wy, *by, *p;
-};
-
-// The forward of one sample up to e = GELU(n) + P; keeps a, v, q, n and the rstd per row.
+// The forward of a block of nb samples (planes (C, M), M = nb·N) up to e = GELU(n) + P;
+// keeps a, v, q, n and the rstd of every (channel, sample) row.
 template <typename T>
-struct RguSample {
-  int64_t C, N;
+struct RguBlock {
+  int64_t C, N, nb, M;
   std::vector<T> a, v, q, n, e, rstd;
-  RguSample(int64_t C_, int64_t N_)
-      : C(C_), N(N_), a(C * N), v(C * N), q(C * N), n(C * N), e(C * N), rstd(C) {}
+  RguBlock(int64_t C_, int64_t N_, int64_t nb_)
+      : C(C_), N(N_), nb(nb_), M(nb_ * N_), a(C * M), v(C * M), q(C * M), n(C * M), e(C * M), rstd(C * nb) {}
 
-  void forward(const T* u, const T* wk, const T* bk, const T* wv, const T* bv, const T* wq,
-               const T* bq, const T* p) {
-    mix(wk, bk, u, C, C, N, a.data());
-    mix(wv, bv, u, C, C, N, v.data());
-    mix(wq, bq, v.data(), C, C, N, q.data());
+  void forward(const T* u, const T* wk, const T* bk, const T* wv, const T* bv, const T* wq, const T* bq,
+               const T* p) {
+    mix(wk, bk, u, C, C, M, a.data());
+    mix(wv, bv, u, C, C, M, v.data());
+    mix(wq, bq, v.data(), C, C, M, q.data());
     for (int64_t c = 0; c < C; ++c) {
-      T* nc = n.data() + c * N;
-      const T* ac = a.data() + c * N;
-      const T* qc = q.data() + c * N;
+      T* nc = n.data() + c * M;
+      const T* ac = a.data() + c * M;
+      const T* qc = q.data() + c * M;
 #pragma omp simd
-      for (int64_t j = 0; j < N; ++j) nc[j] = ac[j] * qc[j];
-      rstd[c] = standardize_row(nc, N, T(kInstanceEps), nc);
-      T* ec = e.data() + c * N;
+      for (int64_t j = 0; j < M; ++j) nc[j] = ac[j] * qc[j];
+      for (int64_t s = 0; s < nb; ++s) {
+        T* seg = nc + s * N;
+        rstd[c * nb + s] = standardize_row(seg, N, T(kInstanceEps), seg);
+        T* ec = e.data() + c * M + s * N;
 #pragma omp simd
-      for (int64_t j = 0; j < N; ++j) ec[j] = gelu(nc[j]) + p[j];
+        for (int64_t j = 0; j < N; ++j) ec[j] = gelu(seg[j]) + p[j];
+      }
     }
   }
 };
@@ -73,11 +74,16 @@ void rgu_forward_impl(const at::Tensor& u, const std::vector<at::Tensor>& w, at:
           *wy = w[6].data_ptr<T>(), *by = w[7].data_ptr<T>(), *p = w[8].data_ptr<T>();
   const T* ud = u.data_ptr<T>();
   T* rd = r.data_ptr<T>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    RguSample<T> s(C, N);
-    for (int64_t b = b0; b < b1; ++b) {
-      s.forward(ud + b * C * N, wk, bk, wv, bv, wq, bq, p);
-      mix(wy, by, s.e.data(), C, C, N, rd + b * C * N);
+  const int64_t per = block_samples(N);
+  at::parallel_for(0, (B + per - 1) / per, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t b0 = q * per, nb = std::min(B, b0 + per) - b0;
+      RguBlock<T> s(C, N, nb);
+      std::vector<T> in(nb > 1 ? C * s.M : 0), out(nb > 1 ? C * s.M : 0);
+      if (nb > 1) to_block(ud + b0 * C * N, nb, C, N, in.data());
+      s.forward(nb > 1 ? in.data() : ud + b0 * C * N, wk, bk, wv, bv, wq, bq, p);
+      mix(wy, by, s.e.data(), C, C, s.M, nb > 1 ? out.data() : rd + b0 * C * N);
+      if (nb > 1) from_block(out.data(), nb, C, N, rd + b0 * C * N);
     }
   });
 }
@@ -100,47 +106,59 @@ void rgu_backward_impl(const at::Tensor& gr, const at::Tensor& u, const std::vec
                             3 * CC + 3 * C, 4 * CC + 3 * C, 4 * CC + 4 * C, 4 * CC + 4 * C + N};
   const int64_t slot = offs[9];
   const Chunks ch = sample_chunks(B);
+  const int64_t per = block_samples(N);
   std::vector<T> slots(ch.count * slot, T(0));
-  for_each_chunk(ch, B, [&](int64_t c, int64_t b0, int64_t b1) {
-    RguSample<T> s(C, N);
-    std::vector<T> ge(C * N), gq(C * N), gv(C * N), ga(C * N);
+  for_each_chunk(ch, B, [&](int64_t c, int64_t c0, int64_t c1) {
+   for (int64_t b0 = c0; b0 < c1; b0 += per) {
+    const int64_t nb = std::min(c1, b0 + per) - b0;
+    RguBlock<T> s(C, N, nb);
+    const int64_t M = s.M;
+    // One sample's planes are used where they are; several are copied side by side.
+    std::vector<T> ubv(nb > 1 ? C * M : 0), grv(nb > 1 ? C * M : 0), gubv(nb > 1 ? C * M : 0);
+    std::vector<T> ge(C * M), gq(C * M), gv(C * M), ga(C * M);
     T* acc = slots.data() + c * slot;
-    for (int64_t b = b0; b < b1; ++b) {
-      const T* ub = ud + b * C * N;
-      const T* grb = gd + b * C * N;
-      s.forward(ub, wk, bk, wv, bv, wq, bq, p);
-      accumulate_weight_grad(grb, s.e.data(), C, C, N, acc + offs[6], acc + offs[7]);
-      mix(wyt.data(), static_cast<const T*>(nullptr), grb, C, C, N, ge.data());
-      T* gp = acc + offs[8];
-      for (int64_t cc = 0; cc < C; ++cc) {
-        const T* gec = ge.data() + cc * N;
+    const T* ub = nb > 1 ? ubv.data() : ud + b0 * C * N;
+    const T* grb = nb > 1 ? grv.data() : gd + b0 * C * N;
+    T* gub = nb > 1 ? gubv.data() : gud + b0 * C * N;
+    if (nb > 1) {
+      to_block(ud + b0 * C * N, nb, C, N, ubv.data());
+      to_block(gd + b0 * C * N, nb, C, N, grv.data());
+    }
+    s.forward(ub, wk, bk, wv, bv, wq, bq, p);
+    accumulate_weight_grad(grb, s.e.data(), C, C, M, acc + offs[6], acc + offs[7]);
+    mix(wyt.data(), static_cast<const T*>(nullptr), grb, C, C, M, ge.data());
+    T* gp = acc + offs[8];
+    for (int64_t cc = 0; cc < C; ++cc)
+      for (int64_t sm = 0; sm < nb; ++sm) {
+        const T* gec = ge.data() + cc * M + sm * N;
 #pragma omp simd
         for (int64_t j = 0; j < N; ++j) gp[j] += gec[j];
       }
-      for (int64_t cc = 0; cc < C; ++cc) {
-        T* gec = ge.data() + cc * N;  // becomes the gradient of n, then of g
-        const T* nc = s.n.data() + cc * N;
+    for (int64_t cc = 0; cc < C; ++cc) {
+      T* gec = ge.data() + cc * M;  // becomes the gradient of n, then of g
+      const T* nc = s.n.data() + cc * M;
 #pragma omp simd
-        for (int64_t j = 0; j < N; ++j) gec[j] *= gelu_grad(nc[j]);
-        standardize_row_backward(gec, nc, s.rstd[cc], N, gec);
-        const T* ac = s.a.data() + cc * N;
-        const T* qc = s.q.data() + cc * N;
-        T* gac = ga.data() + cc * N;
-        T* gqc = gq.data() + cc * N;
+      for (int64_t j = 0; j < M; ++j) gec[j] *= gelu_grad(nc[j]);
+      for (int64_t sm = 0; sm < nb; ++sm)
+        standardize_row_backward(gec + sm * N, nc + sm * N, s.rstd[cc * nb + sm], N, gec + sm * N);
+      const T* ac = s.a.data() + cc * M;
+      const T* qc = s.q.data() + cc * M;
+      T* gac = ga.data() + cc * M;
+      T* gqc = gq.data() + cc * M;
 #pragma omp simd
-        for (int64_t j = 0; j < N; ++j) {
-          gac[j] = gec[j] * qc[j];
-          gqc[j] = gec[j] * ac[j];
-        }
+      for (int64_t j = 0; j < M; ++j) {
+        gac[j] = gec[j] * qc[j];
+        gqc[j] = gec[j] * ac[j];
       }
-      accumulate_weight_grad(gq.data(), s.v.data(), C, C, N, acc + offs[4], acc + offs[5]);
-      mix(wqt.data(), static_cast<const T*>(nullptr), gq.data(), C, C, N, gv.data());
-      accumulate_weight_grad(gv.data(), ub, C, C, N, acc + offs[2], acc + offs[3]);
-      accumulate_weight_grad(ga.data(), ub, C, C, N, acc + offs[0], acc + offs[1]);
-      T* gub = gud + b * C * N;
-      mix(wkt.data(), static_cast<const T*>(nullptr), ga.data(), C, C, N, gub);
-      mix(wvt.data(), static_cast<const T*>(nullptr), gv.data(), C, C, N, gub, /*accumulate=*/true);
     }
+    accumulate_weight_grad(gq.data(), s.v.data(), C, C, M, acc + offs[4], acc + offs[5]);
+    mix(wqt.data(), static_cast<const T*>(nullptr), gq.data(), C, C, M, gv.data());
+    accumulate_weight_grad(gv.data(), ub, C, C, M, acc + offs[2], acc + offs[3]);
+    accumulate_weight_grad(ga.data(), ub, C, C, M, acc + offs[0], acc + offs[1]);
+    mix(wkt.data(), static_cast<const T*>(nullptr), ga.data(), C, C, M, gub);
+    mix(wvt.data(), static_cast<const T*>(nullptr), gv.data(), C, C, M, gub, /*accumulate=*/true);
+    if (nb > 1) from_block(gub, nb, C, N, gud + b0 * C * N);
+   }
   });
   std::vector<T> total(slot);
   sum_slots(slots, ch.count, slot, total.data());
