@@ -36,19 +36,23 @@ def test_bench_ops_tiny(tmp_path):
 
 
 def test_train_speed_tiny(tmp_path):
-    """tools/bench/train_speed.py: both backends' workers and the step profile, on a tiny batch."""
+    """tools/bench/train_speed.py: every eager path's workers, the report and the profile, on a tiny batch."""
     out_json = tmp_path / "speed.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "bench" / "train_speed.py"), "--preset", "mnist1d", "--batch-size", "4",
-         "--rounds", "1", "--steps", "1", "--warmup", "0", "--threads", "1", "--profile", "--profile-steps", "1",
-         "--json", str(out_json)],
+        [sys.executable, str(ROOT / "tools" / "bench" / "train_speed.py"), "--presets", "mnist1d,fmnist",
+         "--batch", "4", "--rounds", "1", "--steps", "1", "--warmup", "1", "--threads", "1", "--no-compile",
+         "--profile", "--top", "5", "--json", str(out_json)],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr
-    assert "compiled / reference" in result.stdout and "profile of one training step" in result.stdout
+    assert "targets (ratio" in result.stdout and "where a training step of ours goes" in result.stdout
     data = json.loads(out_json.read_text())
-    assert set(data["samples_per_s"]) == {"cpp", "reference"} and data["ratio"] > 0
-    assert data["profile"]["total_ms"] > 0 and data["profile"]["groups"]
+    assert set(data["times"]["fmnist"]) == {"ours", "reference", "cnn"}
+    assert set(data["times"]["mnist1d"]) == {"ours", "reference"}
+    assert data["profile"]["total_ms"] > 0
+    again = subprocess.run([sys.executable, str(ROOT / "tools" / "bench" / "train_speed.py"), "--report",
+                            str(out_json)], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "mnist1d (batch 4)" in again.stdout
 
 
 def _bench_ops_module():

@@ -1,18 +1,20 @@
 #!/usr/bin/env python
-"""Training speed of a preset on the compiled backend against the reference backend, and
-a profile of one training step (docs/RESULTS.md).
+"""Training and inference speed of the Terminator presets: this package's fused network
+against the same network in plain PyTorch (TERMINATOR_BACKEND=reference), each eager and
+under torch.compile, and for fmnist the plain CNN baseline.
 
-    python tools/bench/train_speed.py                         # fmnist preset, batch 128, 2 threads
-    python tools/bench/train_speed.py --profile               # also: where one step's time goes
-    python tools/bench/train_speed.py --preset seq784 --rounds 3 --steps 3
+    python tools/bench/train_speed.py                          # every preset, 2 rounds
+    python tools/bench/train_speed.py --presets fmnist --rounds 3 --profile
+    python tools/bench/train_speed.py --no-compile --json /tmp/speed.json
 
-The backend is fixed when ``terminator.ops`` is imported, so each measurement is a worker
-process (``TERMINATOR_BACKEND=cpp`` or ``reference``); the workers alternate round by
-round (cpp, reference, cpp, reference, …) so both see the same machine load, and the
-median step time over all rounds is reported. A step is the training loop's: forward
-with the hyper-kernels, TerminatorLoss, backward, Kar3 step, on a fixed random batch of
-the preset's input shape (the time does not depend on pixel values). The first
-``--warmup`` steps of each worker are excluded.
+Each measurement is a worker process (the backend is fixed when terminator.ops is
+imported), and the workers of a round alternate between the paths so that all see the
+same machine load. A training step is the training loop's: forward with the hyper-kernels,
+TerminatorLoss, backward, Kar3 step, on a fixed random batch of the preset's input shape
+(the time does not depend on pixel values); an inference step is an eval-mode forward of
+the same batch without gradients. The first --warmup steps of each worker are excluded
+(under torch.compile, the first is the compilation, reported apart). Ratios are the
+comparator's median time over ours, with the range of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -25,30 +27,90 @@ import subprocess
 import sys
 import time
 
+# preset → batch size
+PRESETS = {"fmnist": 128, "seq784": 64, "mnist1d": 128, "cifar10": 16}
+# path → (TERMINATOR_BACKEND, torch.compile)
+PATHS = {
+    "ours": ("auto", False),
+    "ours+compile": ("auto", True),
+    "reference": ("reference", False),
+    "reference+compile": ("reference", True),
+    "cnn": ("auto", False),
+}
+# The targets: (ours path, comparator path, mode, threshold, presets)
+TARGETS = [
+    ("ours", "reference", "train", 3.0, ("fmnist", "seq784", "mnist1d", "cifar10")),
+    ("ours", "reference+compile", "train", 3.0, ("fmnist", "seq784", "mnist1d")),
+    ("ours", "reference", "eval", 3.0, ("fmnist", "seq784", "mnist1d")),
+]
 
-def _step_fn(preset: str, batch: int, seed: int):
+
+def _model_and_batch(preset: str, batch: int, path: str, seed: int):
     import torch
 
+    torch.manual_seed(seed)
+    if path == "cnn":
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments"))
+        from baseline_cnn import baseline_cnn
+
+        model = baseline_cnn(10)
+        x = torch.randn(batch, 1, 28, 28)
+    else:
+        from terminator.models import Terminator
+
+        model = Terminator.from_preset(preset)
+        x = torch.randn(batch, model.config.channels[0], *model.config.size)
+    return model, x, torch.randint(0, 10, (batch,))
+
+
+def _steps(preset: str, batch: int, path: str, seed: int):
+    """(train_step, eval_step) closures for one model."""
+    import torch
+    import torch.nn.functional as F
+
     from terminator.losses import TerminatorLoss
-    from terminator.models import Terminator
     from terminator.optim import Kar3
 
-    torch.manual_seed(seed)
-    model = Terminator.from_preset(preset)
-    shape = (model.config.channels[0], *model.config.size)
-    x = torch.randn(batch, *shape)
-    y = torch.randint(0, model.config.num_classes, (batch,))
-    opt = Kar3(model.parameters(), lr=1e-3)
-    objective = TerminatorLoss()
-    model.train()
+    model, x, y = _model_and_batch(preset, batch, path, seed)
+    net = torch.compile(model) if PATHS[path][1] else model
+    if path == "cnn":
+        opt = torch.optim.Adam(model.parameters(), lr=2e-3)
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        logits, kernels = model(x, return_kernels=True)
-        objective(model, logits, y, kernels).total.backward()
-        opt.step()
+        def train():
+            model.train()
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+    else:
+        opt, objective = Kar3(model.parameters(), lr=1e-3), TerminatorLoss()
 
-    return model, step
+        def train():
+            model.train()
+            opt.zero_grad(set_to_none=True)
+            logits, kernels = net(x, return_kernels=True)
+            objective(model, logits, y, kernels).total.backward()
+            opt.step()
+
+    def infer():
+        model.eval()
+        with torch.no_grad():
+            net(x)
+
+    return train, infer
+
+
+def _timed(fn, warmup: int, steps: int) -> tuple[list[float], float]:
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    for _ in range(max(0, warmup - 1)):
+        fn()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times, first
 
 
 def worker(args) -> None:
@@ -57,119 +119,158 @@ def worker(args) -> None:
     import terminator.ops as ops
 
     torch.set_num_threads(args.threads)
-    _, step = _step_fn(args.preset, args.batch_size, args.seed)
-    for _ in range(args.warmup):
-        step()
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    print(json.dumps({"backend": ops.backend().name, "times": times}))
+    train, infer = _steps(args.preset, args.batch_size, args.path, args.seed)
+    train_times, first_train = _timed(train, args.warmup, args.steps)
+    eval_times, first_eval = _timed(infer, args.warmup, args.steps)
+    print(json.dumps({"backend": ops.backend().name, "train": train_times, "eval": eval_times,
+                      "first_train_s": first_train, "first_eval_s": first_eval}))
 
 
-def profile(args) -> dict:
-    """Self CPU time of one step by operator, grouped: where the time goes."""
+def profile(preset: str, batch: int, threads: int, top: int) -> dict:
+    """Self CPU time of one training step of ours, by operator: where the time goes."""
     import torch
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    import terminator.ops as ops
-
-    torch.set_num_threads(args.threads)
-    _, step = _step_fn(args.preset, args.batch_size, args.seed)
-    for _ in range(args.warmup):
-        step()
+    torch.set_num_threads(threads)
+    train, _ = _steps(preset, batch, "ours", 0)
+    for _ in range(2):
+        train()
+    steps = 3
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(args.profile_steps):
-            step()
-    events = [(e.key, e.self_cpu_time_total / args.profile_steps / 1e3, e.count // args.profile_steps)
-              for e in prof.key_averages()]
+        for _ in range(steps):
+            train()
+    events = sorted(((e.key, e.self_cpu_time_total / steps / 1e3, e.count // steps) for e in prof.key_averages()),
+                    key=lambda e: -e[1])
     total = sum(ms for _, ms, _ in events)
-    groups: dict[str, float] = {}
-    for name, ms, _ in events:
-        groups[_group(name)] = groups.get(_group(name), 0.0) + ms
-    print(f"\nprofile of one training step ({args.preset}, batch {args.batch_size}, {args.threads} threads, "
-          f"backend {ops.backend().name}; self CPU time, mean of {args.profile_steps} steps): {total:.1f} ms")
-    print(f"{'group':<44} {'ms':>8} {'share':>7}")
-    for name, ms in sorted(groups.items(), key=lambda kv: -kv[1]):
-        print(f"{name:<44} {ms:8.2f} {ms / total:7.1%}")
-    print(f"\ntop operators\n{'operator':<52} {'ms':>8} {'share':>7} {'calls':>6}")
-    for name, ms, calls in sorted(events, key=lambda e: -e[1])[:args.top]:
-        print(f"{name[:52]:<52} {ms:8.2f} {ms / total:7.1%} {calls:6d}")
-    return {"total_ms": total, "groups": groups,
-            "top": [{"op": n, "ms": ms, "calls": c} for n, ms, c in sorted(events, key=lambda e: -e[1])[:args.top]]}
+    print(f"\nwhere a training step of ours goes ({preset}, batch {batch}, {threads} threads; self CPU time, "
+          f"mean of {steps} steps): {total:.1f} ms")
+    print(f"  {'operator':<56} {'ms':>8} {'share':>7} {'calls':>6}")
+    for name, ms, calls in events[:top]:
+        print(f"  {name[:56]:<56} {ms:8.2f} {ms / total:7.1%} {calls:6d}")
+    return {"total_ms": total, "top": [{"op": n, "ms": ms, "calls": c} for n, ms, c in events[:top]]}
 
 
-def _group(op: str) -> str:
-    if op.startswith("terminator::"):
-        return "terminator ops (" + ("backward" if "backward" in op else "forward") + ")"
-    if "convolution_backward" in op:
-        return "convolution backward (ATen)"
-    if "conv" in op or "mkldnn_convolution" in op:
-        return "convolution forward (ATen)"
-    if op in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm"):
-        return "matmul / linear (ATen)"
-    if "batch_norm" in op or "native_layer_norm" in op or "group_norm" in op:
-        return "normalization (ATen)"
-    if "Optimizer" in op or "_foreach" in op:
-        return "optimizer"
-    if "Backward" in op or "backward" in op:
-        return "autograd nodes (other backward glue)"
-    return "other ATen ops (elementwise, reductions, copies)"
+def _batch(args, preset: str) -> int:
+    return args.batch or PRESETS[preset]
+
+
+def _run_worker(args, preset: str, path: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--preset", preset, "--path", path,
+           "--batch-size", str(_batch(args, preset)), "--threads", str(args.threads), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--seed", str(args.seed)]
+    env = {**os.environ, "TERMINATOR_BACKEND": PATHS[path][0]}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        sys.stderr.write(out.stderr[-4000:])
+        raise SystemExit(f"the {preset}/{path} worker failed (exit {out.returncode})")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _ratio(times: dict, preset: str, mode: str, ours: str, other: str):
+    """Median time ratio other/ours and the range of the per-round ratios."""
+    a, b = times[preset][ours][mode], times[preset][other][mode]
+    per_round = [statistics.median(y) / statistics.median(x) for x, y in zip(a, b)]
+    whole = statistics.median([t for r in b for t in r]) / statistics.median([t for r in a for t in r])
+    return whole, min(per_round), max(per_round)
+
+
+def report(result: dict) -> list[str]:
+    """The tables and target verdicts of a result (a run or a saved JSON)."""
+    times, lines = result["times"], []
+    lines.append(f"training and inference speed, {result['threads']} threads, {result['rounds']} rounds x "
+                 f"{result['steps']} steps per path (medians; ms per batch, samples/s)")
+    for preset, paths in times.items():
+        batch = result["batches"][preset]
+        lines.append(f"\n{preset} (batch {batch})")
+        lines.append(f"  {'path':<19} {'train ms':>9} {'samples/s':>10} {'eval ms':>9} {'samples/s':>10}"
+                     f" {'train vs ours':>14}  first step (s)")
+        ours_train = statistics.median([t for r in paths["ours"]["train"] for t in r]) if "ours" in paths else None
+        for path, data in paths.items():
+            tr = statistics.median([t for r in data["train"] for t in r])
+            ev = statistics.median([t for r in data["eval"] for t in r])
+            rel = f"{tr / ours_train:13.2f}x" if ours_train else ""
+            lines.append(f"  {path:<19} {tr * 1e3:9.1f} {batch / tr:10.0f} {ev * 1e3:9.1f} {batch / ev:10.0f}"
+                         f" {rel:>14}  {statistics.median(data['first_train_s']):.1f}")
+    lines.append("\ntargets (ratio = comparator's median time / ours; [range of the per-round ratios]):")
+    for ours, other, mode, threshold, presets in TARGETS:
+        for preset in presets:
+            if preset not in times or ours not in times[preset] or other not in times[preset]:
+                continue
+            whole, lo, hi = _ratio(times, preset, mode, ours, other)
+            verdict = "met   " if whole >= threshold else "MISSED"
+            lines.append(f"  {verdict} {preset:<8} {mode:<5} {ours} vs {other}: {whole:.2f}x [{lo:.2f}-{hi:.2f}]"
+                         f" (target >= {threshold:g}x)")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="fmnist")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated: " + ", ".join(PRESETS))
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=3, help="worker pairs (cpp, reference)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per worker")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of one worker per path")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per worker and mode")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", action="store_true", help="also profile one step on the compiled backend")
-    p.add_argument("--profile-steps", type=int, default=3)
-    p.add_argument("--top", type=int, default=15)
-    p.add_argument("--json", default=None, help="write the figures here")
+    p.add_argument("--batch", type=int, default=None, help="one batch size for every preset (smoke runs)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile paths")
+    p.add_argument("--compile-presets", default="fmnist,seq784,mnist1d",
+                   help="presets that also run the torch.compile paths (the targets compare those)")
+    p.add_argument("--profile", action="store_true", help="also show where a training step of ours goes")
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--json", default=None, help="write the measurements here")
+    p.add_argument("--report", default=None, metavar="JSON", help="print the tables of a saved run")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--preset", help=argparse.SUPPRESS)
+    p.add_argument("--path", help=argparse.SUPPRESS)
+    p.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         worker(args)
         return 0
-
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--preset", args.preset,
-           "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--seed", str(args.seed)]
-    times: dict[str, list[float]] = {"cpp": [], "reference": []}
+    if args.report:
+        with open(args.report, encoding="utf-8") as f:
+            print("\n".join(report(json.load(f))))
+        return 0
+    presets = [s for s in args.presets.split(",") if s]
+    unknown = [s for s in presets if s not in PRESETS]
+    if unknown:
+        raise SystemExit(f"unknown preset(s) {unknown}; choose from {list(PRESETS)}")
+    times: dict = {}
     for r in range(args.rounds):
-        for backend in times:
-            env = {**os.environ, "TERMINATOR_BACKEND": backend}
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-            if out.returncode != 0:
-                sys.stderr.write(out.stderr)
-                raise SystemExit(f"the {backend} worker failed (exit {out.returncode})")
-            got = json.loads(out.stdout.strip().splitlines()[-1])
-            if got["backend"] != backend:
-                raise SystemExit(f"asked for backend {backend}, the worker ran {got['backend']}")
-            times[backend] += got["times"]
-            print(f"round {r + 1}/{args.rounds} {backend:<9} median step "
-                  f"{statistics.median(got['times']) * 1e3:8.1f} ms", file=sys.stderr, flush=True)
-    med = {b: statistics.median(t) for b, t in times.items()}
-    rate = {b: args.batch_size / m for b, m in med.items()}
-    ratio = rate["cpp"] / rate["reference"]
-    print(f"training speed, preset {args.preset}, batch {args.batch_size}, {args.threads} threads, "
-          f"{args.rounds} rounds x {args.steps} steps per backend (medians):")
-    for b in times:
-        print(f"  {b:<9} {med[b] * 1e3:8.1f} ms/step  {rate[b]:8.1f} samples/s")
-    print(f"  compiled / reference: {ratio:.2f}x")
-    result = {"preset": args.preset, "batch_size": args.batch_size, "threads": args.threads,
-              "median_step_s": med, "samples_per_s": rate, "ratio": ratio, "step_times_s": times}
+        for preset in presets:
+            compiled = not args.no_compile and preset in args.compile_presets.split(",")
+            paths = [q for q in PATHS if (q != "cnn" or preset == "fmnist") and (compiled or not PATHS[q][1])]
+            for path in paths:
+                got = _run_worker(args, preset, path)
+                entry = times.setdefault(preset, {}).setdefault(
+                    path, {"train": [], "eval": [], "first_train_s": [], "first_eval_s": []})
+                for key in ("train", "eval"):
+                    entry[key].append(got[key])
+                entry["first_train_s"].append(got["first_train_s"])
+                entry["first_eval_s"].append(got["first_eval_s"])
+                print(f"round {r + 1}/{args.rounds} {preset:<8} {path:<18} train "
+                      f"{statistics.median(got['train']) * 1e3:8.1f} ms  eval {statistics.median(got['eval']) * 1e3:8.1f} ms",
+                      file=sys.stderr, flush=True)
+    import torch
+
+    result = {"threads": args.threads, "rounds": args.rounds, "steps": args.steps, "torch": torch.__version__,
+              "batches": {preset: _batch(args, preset) for preset in presets},
+              "date": time.strftime("%Y-%m-%d"), "commit": _commit(), "times": times}
+    print("\n".join(report(result)))
     if args.profile:
-        result["profile"] = profile(args)
+        result["profile"] = profile(presets[0], _batch(args, presets[0]), args.threads, args.top)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+            json.dump(result, f, indent=1)
     return 0
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 if __name__ == "__main__":
