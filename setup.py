@@ -20,6 +20,8 @@ setup(
     install_requires=["torch>=2.4", "numpy", "ninja"],
     extras_require={
         "test": ["pytest", "hypothesis"],
+        # tools/ci/lint.sh: pinned, so the same code is clean on every machine
+        "lint": ["ruff==0.17.5", "clang-format==23.1.3"],
         # terminator train / eval: YAML configs, progress bars, plots, MNIST-1D, digits
         "train": ["pyyaml", "tqdm", "matplotlib", "mnist1d", "scikit-learn"],
     },

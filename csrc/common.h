@@ -35,10 +35,12 @@ inline void check_defined(const at::Tensor& t, const char* name) {
 inline void check_floating(const at::Tensor& t, const char* name) {
   check_defined(t, name);
   const auto dtype = t.scalar_type();
-  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                        dtype == at::kBFloat16,
-                   name, " must be a floating-point tensor (float32, float64, float16 or "
-                   "bfloat16), got ", dtype_str(t.scalar_type()));
+  TORCH_CHECK_VALUE(
+      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+      name,
+      " must be a floating-point tensor (float32, float64, float16 or "
+      "bfloat16), got ",
+      dtype_str(t.scalar_type()));
 }
 
 inline void check_activation(const at::Tensor& t, const char* name) {
@@ -48,13 +50,14 @@ inline void check_activation(const at::Tensor& t, const char* name) {
   check_floating(t, name);
 }
 
-inline void check_same_device_dtype(const at::Tensor& t, const char* name,
-                                    const at::Tensor& ref, const char* ref_name) {
+inline void check_same_device_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                                    const char* ref_name) {
   check_defined(t, name);
-  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on the same device as ",
-                    ref_name, " (", ref.device(), "), got ", t.device());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on the same device as ", ref_name,
+                    " (", ref.device(), "), got ", t.device());
   TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), name, " must have the same dtype as ",
-                   ref_name, " (", dtype_str(ref.scalar_type()), "), got ", dtype_str(t.scalar_type()));
+                    ref_name, " (", dtype_str(ref.scalar_type()), "), got ",
+                    dtype_str(t.scalar_type()));
 }
 
 // A kernel for activations `x` (B, C, *S) is (C, *K), (1, C, *K) or (B, C, *K).
@@ -66,23 +69,28 @@ inline int64_t check_kernel(const at::Tensor& kernel, const char* name, const at
   const int64_t d = spatial_dims(x);
   const int64_t B = x.size(0), C = x.size(1);
   const bool batched = kernel.dim() == x.dim();
-  TORCH_CHECK_VALUE(batched || kernel.dim() == x.dim() - 1, name, " must have shape (C, *K), "
-                    "(1, C, *K) or (B, C, *K) with ", d, " spatial dim(s) like ", x_name, " ",
-                    shape_str(x.sizes()), ", got ", shape_str(kernel.sizes()));
+  TORCH_CHECK_VALUE(batched || kernel.dim() == x.dim() - 1, name,
+                    " must have shape (C, *K), "
+                    "(1, C, *K) or (B, C, *K) with ",
+                    d, " spatial dim(s) like ", x_name, " ", shape_str(x.sizes()), ", got ",
+                    shape_str(kernel.sizes()));
   const int64_t kb = batched ? kernel.size(0) : 1;
-  TORCH_CHECK_VALUE(kb == 1 || kb == B, name, " batch size must be 1 or B=", B, " (", x_name,
-                    " ", shape_str(x.sizes()), "), got ", shape_str(kernel.sizes()));
+  TORCH_CHECK_VALUE(kb == 1 || kb == B, name, " batch size must be 1 or B=", B, " (", x_name, " ",
+                    shape_str(x.sizes()), "), got ", shape_str(kernel.sizes()));
   const int64_t off = batched ? 1 : 0;
-  TORCH_CHECK_VALUE(kernel.size(off) == C, name, " must have C=", C, " channels like ", x_name,
-                    " ", shape_str(x.sizes()), ", got ", shape_str(kernel.sizes()));
+  TORCH_CHECK_VALUE(kernel.size(off) == C, name, " must have C=", C, " channels like ", x_name, " ",
+                    shape_str(x.sizes()), ", got ", shape_str(kernel.sizes()));
   for (const auto i : c10::irange(d)) {
     const int64_t k = kernel.size(off + 1 + i), s = x.size(2 + i);
     if (full_size) {
       TORCH_CHECK_VALUE(k == s, name, " must have the spatial size of ", x_name, " ",
                         shape_str(x.sizes()), ", got ", shape_str(kernel.sizes()));
     } else {
-      TORCH_CHECK_VALUE(k >= 1 && k <= s, name, " spatial size must be between 1 and the input "
-                        "size ", shape_str(x.sizes().slice(2)), " in every dim, got ", shape_str(kernel.sizes()));
+      TORCH_CHECK_VALUE(k >= 1 && k <= s, name,
+                        " spatial size must be between 1 and the input "
+                        "size ",
+                        shape_str(x.sizes().slice(2)), " in every dim, got ",
+                        shape_str(kernel.sizes()));
     }
   }
   return kb;
@@ -94,8 +102,8 @@ inline GlobalMode parse_mode(c10::string_view mode) {
   if (mode == "dot") return GlobalMode::Dot;
   if (mode == "matmul") return GlobalMode::Matmul;
   if (mode == "conv") return GlobalMode::Conv;
-  TORCH_CHECK_VALUE(false, "mode must be one of 'dot', 'matmul', 'conv', got '",
-                    std::string(mode), "'");
+  TORCH_CHECK_VALUE(false, "mode must be one of 'dot', 'matmul', 'conv', got '", std::string(mode),
+                    "'");
 }
 
 // Checks hyperzzw_global's arguments; returns the kernel's batch size (1 or B).
@@ -108,8 +116,10 @@ inline int64_t check_global_args(const at::Tensor& k, const at::Tensor& z,
                       ", got ", shape_str(x->sizes()));
   }
   if (mode == GlobalMode::Matmul) {
-    TORCH_CHECK_VALUE(z.dim() == 4 && z.size(2) == z.size(3), "mode='matmul' needs square 2D "
-                      "activations z (B, C, H, W) with H == W, got ", shape_str(z.sizes()));
+    TORCH_CHECK_VALUE(z.dim() == 4 && z.size(2) == z.size(3),
+                      "mode='matmul' needs square 2D "
+                      "activations z (B, C, H, W) with H == W, got ",
+                      shape_str(z.sizes()));
   }
   return check_kernel(k, "k", z, "z", /*full_size=*/true);
 }

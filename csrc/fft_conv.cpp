@@ -1,8 +1,8 @@
 #include "fft_conv.h"
 
-#include "common.h"
-
 #include <algorithm>
+
+#include "common.h"
 
 namespace terminator {
 namespace {
@@ -61,8 +61,8 @@ at::Tensor spectrum_at(const at::Tensor& t, int64_t top, int64_t left, const Fft
 at::Tensor kernel_spectrum(const at::Tensor& w, const at::Tensor& scale, const FftGeometry& g,
                            at::ScalarType dtype) {
   if (!scale.defined()) return spectrum_at(w, 0, 0, g, dtype);
-  auto [buffer, window] = padded_buffer(scale.size(0), w.size(1), g.Kh, g.Kw, 0, 0, g,
-                                        w.options().dtype(dtype));
+  auto [buffer, window] =
+      padded_buffer(scale.size(0), w.size(1), g.Kh, g.Kw, 0, 0, g, w.options().dtype(dtype));
   if (dtype == w.scalar_type()) {
     at::mul_out(window, w, scale);
   } else {
@@ -120,23 +120,23 @@ at::Tensor conv_fft_forward(const at::Tensor& x, const at::Tensor& w, const at::
     const int64_t n = std::min(chunk, B - b0);
     // y[p] = Σ_q w[q] x[p + q - P]: correlation = product with the conjugate spectrum.
     auto spec = spectrum_at(x.narrow(0, b0, n), g.ph, g.pw, g, dtype);
-    spec.mul_(one_kernel ? shared_spec
-                         : conj_kernel_spectrum(samples(w, b0, n), samples(w_scale, b0, n), g, dtype));
+    spec.mul_(one_kernel
+                  ? shared_spec
+                  : conj_kernel_spectrum(samples(w, b0, n), samples(w_scale, b0, n), g, dtype));
     y.narrow(0, b0, n).copy_(window(irfft(spec, g), 0, 0, g.H, g.W));
   }
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor> conv_fft_backward(const at::Tensor& grad_y,
-                                                     const at::Tensor& x, const at::Tensor& w,
+std::tuple<at::Tensor, at::Tensor> conv_fft_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                                     const at::Tensor& w,
                                                      const at::Tensor& w_scale) {
   const bool shared = !w_scale.defined() && w.size(0) == 1;
   const auto w_shape = w_scale.defined()
                            ? std::vector<int64_t>{w_scale.size(0), w.size(1), w.size(2), w.size(3)}
                            : w.sizes().vec();
   if (x.numel() == 0) {
-    return {at::zeros_like(x, at::MemoryFormat::Contiguous),
-            at::zeros(w_shape, w.options())};
+    return {at::zeros_like(x, at::MemoryFormat::Contiguous), at::zeros(w_shape, w.options())};
   }
   const auto g = geometry(x, w);
   const auto dtype = compute_dtype(x.scalar_type());
@@ -151,7 +151,8 @@ std::tuple<at::Tensor, at::Tensor> conv_fft_backward(const at::Tensor& grad_y,
     // grad_w[q] = Σ_p gy[p] x[p + q - P]: correlation of x with gy, first K entries;
     // a shared kernel sums over the batch (in chunk order) before a single inverse
     // transform at the end.
-    auto w_spec = spectrum_at(x.narrow(0, b0, n), g.ph, g.pw, g, dtype).mul_(at::conj_physical(gy_spec));
+    auto w_spec =
+        spectrum_at(x.narrow(0, b0, n), g.ph, g.pw, g, dtype).mul_(at::conj_physical(gy_spec));
     if (shared) {
       auto chunk_sum = w_spec.sum(0, /*keepdim=*/true);
       grad_w_spec = grad_w_spec.defined() ? grad_w_spec.add_(chunk_sum) : chunk_sum;

@@ -20,8 +20,8 @@ at::Tensor conv_fft_forward(const at::Tensor& x, const at::Tensor& w,
 
 // Gradients of conv_fft_forward: (grad_x (B,C,H,W), grad of the kernel): the
 // kernel is w, or w ⊙ w_scale (then its gradient is (B, C, Kh, Kw)).
-std::tuple<at::Tensor, at::Tensor> conv_fft_backward(const at::Tensor& grad_y,
-                                                     const at::Tensor& x, const at::Tensor& w,
+std::tuple<at::Tensor, at::Tensor> conv_fft_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                                     const at::Tensor& w,
                                                      const at::Tensor& w_scale = at::Tensor());
 
 }  // namespace terminator

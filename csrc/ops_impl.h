@@ -21,14 +21,14 @@
 // cpu/register.cpp (with cpu/kernels.h) and cuda/kernels.cu instantiate these templates.
 #pragma once
 
-#include "common.h"
-#include "fft_conv.h"
-#include "matmul_aten.h"
-
 #include <torch/library.h>
 
 #include <cmath>
 #include <tuple>
+
+#include "common.h"
+#include "fft_conv.h"
+#include "matmul_aten.h"
 
 namespace terminator {
 
@@ -38,8 +38,8 @@ inline ConvAlgo parse_algo(c10::string_view algo) {
   if (algo == "auto") return ConvAlgo::Auto;
   if (algo == "direct") return ConvAlgo::Direct;
   if (algo == "fft") return ConvAlgo::Fft;
-  TORCH_CHECK_VALUE(false, "algo must be one of 'auto', 'direct', 'fft', got '",
-                    std::string(algo), "'");
+  TORCH_CHECK_VALUE(false, "algo must be one of 'auto', 'direct', 'fft', got '", std::string(algo),
+                    "'");
 }
 
 // An op's result in its final shape without autograd view tracking: callers modify
@@ -93,16 +93,18 @@ struct Ops {
     return as_output(y4, x.sizes());
   }
 
-  static std::tuple<at::Tensor, at::Tensor> hyperkernel_conv_backward(
-      const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w, c10::string_view algo) {
+  static std::tuple<at::Tensor, at::Tensor> hyperkernel_conv_backward(const at::Tensor& grad_y,
+                                                                      const at::Tensor& x,
+                                                                      const at::Tensor& w,
+                                                                      c10::string_view algo) {
     const auto a = parse_algo(algo);
     check_conv_args(x, w);
     check_same_device_dtype(grad_y, "grad_y", x, "x");
     TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), "grad_y must have the shape of x ",
                       shape_str(x.sizes()), ", got ", shape_str(grad_y.sizes()));
     const int64_t d = spatial_dims(x);
-    auto [gx4, gw4] =
-        conv_planes_backward(activation_planes(grad_y), activation_planes(x), kernel_planes(w, d), a);
+    auto [gx4, gw4] = conv_planes_backward(activation_planes(grad_y), activation_planes(x),
+                                           kernel_planes(w, d), a);
     return {as_output(gx4, x.sizes()), kernel_grad_like(gw4, w)};
   }
 
@@ -151,9 +153,9 @@ struct Ops {
     const auto gy4 = activation_planes(grad_y);
     at::Tensor gk, gz, gx;  // kernel planes / activation planes; gx undefined when x is z
     if (m == GlobalMode::Dot) {
-      std::tie(gk, gz, gx) = Kernels::global_dot_backward(
-          gy4.view({B, C, N}), k4.view({kb, C, N}), z4.view({B, C, N}),
-          x4.defined() ? x4.view({B, C, N}) : x4);
+      std::tie(gk, gz, gx) =
+          Kernels::global_dot_backward(gy4.view({B, C, N}), k4.view({kb, C, N}), z4.view({B, C, N}),
+                                       x4.defined() ? x4.view({B, C, N}) : x4);
     } else if (m == GlobalMode::Matmul) {
       std::tie(gk, gz, gx) = Kernels::global_matmul_backward(gy4, k4, z4, x4);
     } else {

@@ -58,9 +58,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _train_overrides(args: argparse.Namespace) -> dict:
     from .train.config import apply_overrides, parse_set
 
-    flags = {"dataset": args.dataset, "preset": args.preset, "epochs": args.epochs,
-             "batch_size": args.batch_size, "out": args.out, "data_dir": args.data_dir, "seed": args.seed,
-             "lr": args.lr, "threads": args.threads, "device": args.device}
+    flags = {
+        "dataset": args.dataset,
+        "preset": args.preset,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "out": args.out,
+        "data_dir": args.data_dir,
+        "seed": args.seed,
+        "lr": args.lr,
+        "threads": args.threads,
+        "device": args.device,
+    }
     overrides = {k: v for k, v in flags.items() if v is not None}
     if args.no_progress:
         overrides["progress"] = False
@@ -94,9 +103,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 2
     if _rank() == 0:
         short = {k: v for k, v in result.items() if k != "confusion"}
-        print(f"result: test_acc={result['test_acc']:.4f} ({result['test_correct']}/{result['test_n']}) "
-              f"test_loss={result['test_loss']:.4f} best_epoch={result['best_epoch']} "
-              f"params={result['parameters']} run={result['run']} {json.dumps(short)}")
+        print(
+            f"result: test_acc={result['test_acc']:.4f} ({result['test_correct']}/{result['test_n']}) "
+            f"test_loss={result['test_loss']:.4f} best_epoch={result['best_epoch']} "
+            f"params={result['parameters']} run={result['run']} {json.dumps(short)}"
+        )
     return 0
 
 
@@ -114,20 +125,29 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .train.evaluation import format_confusion
 
     try:
-        r = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
-                                out=args.out, threads=args.threads)
+        r = evaluate_checkpoint(
+            args.checkpoint,
+            dataset=args.dataset,
+            data_dir=args.data_dir,
+            split=args.split,
+            out=args.out,
+            threads=args.threads,
+        )
     except (DatasetNotFound, CheckpointRefused, FileNotFoundError, ValueError) as exc:
         print(f"terminator eval: error: {exc}", file=sys.stderr)
         return 2
     print(format_confusion(r["confusion"]))
-    print(f"result: {r['split']}_acc={r['accuracy']:.4f} ({r['correct']}/{r['n']}) loss={r['loss']:.4f} "
-          f"dataset={r['dataset']} epoch={r['epoch']} checkpoint={r['checkpoint']}")
+    print(
+        f"result: {r['split']}_acc={r['accuracy']:.4f} ({r['correct']}/{r['n']}) loss={r['loss']:.4f} "
+        f"dataset={r['dataset']} epoch={r['epoch']} checkpoint={r['checkpoint']}"
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="terminator", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="terminator", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("build", help="compile the C++/CUDA ops now and report the active backend")
     sub.add_parser("info", help="versions, backend, threads, devices")
@@ -143,10 +163,19 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--device", choices=["auto", "cpu", "cuda"])
     t.add_argument("--out", help="run directory (default runs/<dataset>-<preset>)")
     t.add_argument("--data-dir", help="folder with the Fashion-MNIST idx .gz files")
-    t.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
-                   help="continue from CKPT (default OUT/last.pt; starts fresh when there is none)")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override any config field (YAML value; model.FIELD for the network), repeatable")
+    t.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        metavar="CKPT",
+        help="continue from CKPT (default OUT/last.pt; starts fresh when there is none)",
+    )
+    t.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any config field (YAML value; model.FIELD for the network), repeatable",
+    )
     t.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     e = sub.add_parser("eval", help="accuracy and confusion matrix of a checkpoint")
     e.add_argument("--checkpoint", required=True)

@@ -134,16 +134,22 @@ class TerminatorLoss(nn.Module):
     model(x, return_kernels=True)``; returns :class:`LossParts` (``.total`` to backprop).
     """
 
-    def __init__(self, eps: float = DEFAULT_SMOOTHING, l2: float = DEFAULT_L2, slow_weight: float = 1.0,
-                 squared_l2: bool = False):
+    def __init__(
+        self, eps: float = DEFAULT_SMOOTHING, l2: float = DEFAULT_L2, slow_weight: float = 1.0, squared_l2: bool = False
+    ):
         super().__init__()
         self.eps = eps
         self.l2 = l2
         self.slow_weight = slow_weight
         self.squared_l2 = squared_l2
 
-    def forward(self, model: nn.Module, logits: torch.Tensor, target: torch.Tensor,
-                kernels: Sequence[torch.Tensor] | None = None) -> LossParts:
+    def forward(
+        self,
+        model: nn.Module,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        kernels: Sequence[torch.Tensor] | None = None,
+    ) -> LossParts:
         ce = label_smoothed_cross_entropy(logits, target, self.eps)
         slow = slow_neural_loss(kernels) if kernels and self.slow_weight else ce.new_zeros(())
         l2 = fast_l2_penalty(model, self.l2, self.squared_l2).to(ce) if self.l2 else ce.new_zeros(())

@@ -16,9 +16,21 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_ops_tiny(tmp_path):
     out_json = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "bench" / "bench_ops.py"), "--tiny", "--no-compile", "--repeats", "3",
-         "--warmup", "1", "--json", str(out_json)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "tools" / "bench" / "bench_ops.py"),
+            "--tiny",
+            "--no-compile",
+            "--repeats",
+            "3",
+            "--warmup",
+            "1",
+            "--json",
+            str(out_json),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     assert "copy bandwidth" in result.stdout and "global dot" in result.stdout
@@ -29,8 +41,12 @@ def test_bench_ops_tiny(tmp_path):
         assert r["fwdbwd"]["ours"] > 0 and r["fwdbwd"]["eager"] > 0
         assert set(r["peak_mb"]) >= {"ours", "eager"}
     # --report prints the saved run's table and targets again, the same as the run did.
-    report = subprocess.run([sys.executable, str(ROOT / "tools" / "bench" / "bench_ops.py"), "--report", str(out_json)],
-                            capture_output=True, text=True, timeout=600)
+    report = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench" / "bench_ops.py"), "--report", str(out_json)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert report.returncode == 0, report.stderr
     assert report.stdout.split("targets (")[1] == result.stdout.split("targets (")[1].split("wrote ")[0]
 
@@ -39,10 +55,31 @@ def test_train_speed_tiny(tmp_path):
     """tools/bench/train_speed.py: every eager path's workers, the report and the profile, on a tiny batch."""
     out_json = tmp_path / "speed.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "bench" / "train_speed.py"), "--presets", "mnist1d,fmnist",
-         "--batch", "4", "--rounds", "1", "--steps", "1", "--warmup", "1", "--threads", "1", "--no-compile",
-         "--profile", "--top", "5", "--json", str(out_json)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "tools" / "bench" / "train_speed.py"),
+            "--presets",
+            "mnist1d,fmnist",
+            "--batch",
+            "4",
+            "--rounds",
+            "1",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--no-compile",
+            "--profile",
+            "--top",
+            "5",
+            "--json",
+            str(out_json),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     assert "targets (ratio" in result.stdout and "where a training step of ours goes" in result.stdout
@@ -50,8 +87,12 @@ def test_train_speed_tiny(tmp_path):
     assert set(data["times"]["fmnist"]) == {"ours", "reference", "cnn"}
     assert set(data["times"]["mnist1d"]) == {"ours", "reference"}
     assert data["profile"]["total_ms"] > 0
-    again = subprocess.run([sys.executable, str(ROOT / "tools" / "bench" / "train_speed.py"), "--report",
-                            str(out_json)], capture_output=True, text=True, timeout=120)
+    again = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench" / "train_speed.py"), "--report", str(out_json)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert again.returncode == 0 and "mnist1d (batch 4)" in again.stdout
 
 
@@ -66,8 +107,12 @@ def _bench_ops_module():
 
 
 def _result(op, spatial, fwdbwd, peak=(1.0, 2.0), **tags):
-    return {"name": f"{op} {spatial} {tags}", "tags": {"op": op, "spatial": spatial, **tags},
-            "fwdbwd": fwdbwd, "peak_mb": {"ours": peak[0], "eager": peak[1]}}
+    return {
+        "name": f"{op} {spatial} {tags}",
+        "tags": {"op": op, "spatial": spatial, **tags},
+        "fwdbwd": fwdbwd,
+        "peak_mb": {"ours": peak[0], "eager": peak[1]},
+    }
 
 
 def test_the_targets_summary_says_met_only_when_every_case_reaches_its_threshold():
@@ -77,10 +122,10 @@ def test_the_targets_summary_says_met_only_when_every_case_reaches_its_threshold
         _result("dot", (28, 28), {"ours": 1.0, "eager": 9.0, "compiled": 1.2, "copy": 0.7}),
         _result("dot", (784,), {"ours": 1.0, "eager": 7.9, "compiled": 0.9, "copy": 0.5}),
         _result("matmul", (28, 28), {"ours": 1.0, "eager": 1.6}, peak=(3.0, 2.0)),
-        _result("hkconv", (28, 28), {"ours": 1.0, "eager": 9.0, "direct": 0.95, "fft": 5.0}, ksize=7,
-                algo="auto", **hk),
-        _result("hkconv", (28, 28), {"ours": 1.0, "eager": 4.0, "direct": 0.9, "fft": 3.0}, ksize=3,
-                algo="auto", **hk),
+        _result(
+            "hkconv", (28, 28), {"ours": 1.0, "eager": 9.0, "direct": 0.95, "fft": 5.0}, ksize=7, algo="auto", **hk
+        ),
+        _result("hkconv", (28, 28), {"ours": 1.0, "eager": 4.0, "direct": 0.9, "fft": 3.0}, ksize=3, algo="auto", **hk),
     ]
     targets = {t["target"]: t for t in bench.evaluate_targets(results)}
     assert targets["dot >= 8x eager"]["met"] is False  # 784 is at 7.9
@@ -102,8 +147,7 @@ def test_each_target_value_gets_the_spread_of_its_ratio_round_by_round():
     def with_rounds(op, spatial, ours, eager, **extra):
         rounds = {"ours": ours, "eager": eager, **extra}
         medians = {name: sorted(times)[len(times) // 2] for name, times in rounds.items()}
-        return {**_result(op, spatial, medians, ksize=3, algo="auto", shared=False),
-                "rounds": {"fwdbwd": rounds}}
+        return {**_result(op, spatial, medians, ksize=3, algo="auto", shared=False), "rounds": {"fwdbwd": rounds}}
 
     results = [
         # The VM slows down in rounds 2 and 4: round by round the ratio stays 2.0.
@@ -111,8 +155,14 @@ def test_each_target_value_gets_the_spread_of_its_ratio_round_by_round():
         # Round ratios 1.4, 1.6, 1.45, 1.55, 1.5: met (1.5), but the threshold is in their range.
         with_rounds("matmul", (32, 32), [1.0] * 5, [1.4, 1.6, 1.45, 1.55, 1.5]),
         # auto against the better of direct and fft in each round (fft in round 2).
-        with_rounds("hkconv", (28, 28), [1.0] * 5, [4.0, 6.0, 5.0, 5.5, 4.5], direct=[0.8, 1.0, 0.9, 1.2, 1.1],
-                    fft=[3.0, 0.7, 3.0, 3.0, 3.0]),
+        with_rounds(
+            "hkconv",
+            (28, 28),
+            [1.0] * 5,
+            [4.0, 6.0, 5.0, 5.5, 4.5],
+            direct=[0.8, 1.0, 0.9, 1.2, 1.1],
+            fft=[3.0, 0.7, 3.0, 3.0, 3.0],
+        ),
     ]
     targets = {t["target"]: t for t in bench.evaluate_targets(results)}
     matmul = targets["matmul >= 1.5x eager"]
@@ -139,7 +189,8 @@ def test_a_target_against_eager_says_what_copy_speed_would_reach_where_a_copy_wa
     targets = {t["target"]: t for t in bench.evaluate_targets(results)}
     assert targets["dot >= 8x eager"]["at_copy_speed"] == [("28x28", pytest.approx(2.5))]
     assert targets["per-sample kernels of 3, 5, 9 (2D and 1D) >= 5x eager"]["at_copy_speed"] == [
-        ("3@28x28", pytest.approx(4.0))]
+        ("3@28x28", pytest.approx(4.0))
+    ]
     # Only against eager: the other comparators have nothing to do with the copy.
     assert "at_copy_speed" not in targets["dot no slower than torch.compile(reference)"]
     assert "at_copy_speed" not in targets["matmul >= 1.5x eager"]  # no case, no line
@@ -165,8 +216,10 @@ def test_kernels_of_up_to_nine_taps_get_a_copy_yardstick_and_larger_ones_do_not(
 def test_a_saved_run_is_judged_as_the_run_itself_judged_it(tmp_path):
     """JSON turns the spatial tuples the targets select by into lists."""
     bench = _bench_ops_module()
-    results = [_result("conv", (28, 28), {"ours": 1.0, "eager": 17.0}),
-               _result("conv", (784,), {"ours": 1.0, "eager": 3.0})]
+    results = [
+        _result("conv", (28, 28), {"ours": 1.0, "eager": 17.0}),
+        _result("conv", (784,), {"ours": 1.0, "eager": 3.0}),
+    ]
     saved = tmp_path / "run.json"
     saved.write_text(json.dumps({"meta": {}, "results": results}))
     _, loaded = bench.load_results(saved)
@@ -194,12 +247,19 @@ def test_the_algorithm_auto_ran_is_told_by_its_output(spatial, ksize, expected):
 # 28×28 K=23 direct 18.7-20.1 against 23.2-24.7; 64×64 K=25 fft 19.4-20.4 against
 # 24.3-24.5; L=784 K=161 fft 7.1-7.7 against 9.4. The single constant before ran fft at
 # 28×28 K=28 and direct at L=784 K=255, 64×64 K=25 (shared) and L=784 K=161 (shared).
-@pytest.mark.parametrize("kernel, spatial, ksize, faster", [
-    ("per-sample", (28, 28), 28, "direct"), ("per-sample", (64, 64), 21, "direct"),
-    ("per-sample", (64, 64), 41, "fft"), ("per-sample", (784,), 191, "direct"),
-    ("per-sample", (784,), 255, "fft"), ("shared", (28, 28), 23, "direct"),
-    ("shared", (64, 64), 25, "fft"), ("shared", (784,), 161, "fft"),
-])
+@pytest.mark.parametrize(
+    "kernel, spatial, ksize, faster",
+    [
+        ("per-sample", (28, 28), 28, "direct"),
+        ("per-sample", (64, 64), 21, "direct"),
+        ("per-sample", (64, 64), 41, "fft"),
+        ("per-sample", (784,), 191, "direct"),
+        ("per-sample", (784,), 255, "fft"),
+        ("shared", (28, 28), 23, "direct"),
+        ("shared", (64, 64), 25, "fft"),
+        ("shared", (784,), 161, "fft"),
+    ],
+)
 def test_auto_runs_the_algorithm_measured_faster_on_this_machine(kernel, spatial, ksize, faster):
     bench = _bench_ops_module()
     case = bench._hkconv_case(2, 3, spatial, ksize, shared=kernel == "shared")
@@ -234,13 +294,21 @@ def test_the_crossover_fit_keeps_kinds_and_dims_apart_and_uses_the_pairs_near_th
 
     # Implied constants (indifferent · fft / direct): 2D 2, 40, 38 (the first far from the
     # crossover: left out); 1D 15, 19, 1.
-    rows = [row("per-sample", (28, 28), 1.0, 20.0, 0.1), row("per-sample", (28, 28), 2.0, 3.0, 80 / 3),
-            row("per-sample", (28, 28), 3.0, 2.0, 57.0), row("per-sample", (784,), 1.0, 1.5, 10.0),
-            row("per-sample", (784,), 2.0, 1.0, 38.0), row("per-sample", (784,), 1.0, 9.0, 1 / 9),
-            row("shared", (784,), 1.0, 2.0, 6.0)]
+    rows = [
+        row("per-sample", (28, 28), 1.0, 20.0, 0.1),
+        row("per-sample", (28, 28), 2.0, 3.0, 80 / 3),
+        row("per-sample", (28, 28), 3.0, 2.0, 57.0),
+        row("per-sample", (784,), 1.0, 1.5, 10.0),
+        row("per-sample", (784,), 2.0, 1.0, 38.0),
+        row("per-sample", (784,), 1.0, 9.0, 1 / 9),
+        row("shared", (784,), 1.0, 2.0, 6.0),
+    ]
     fitted = bench.fit_fft_cost(rows)
-    assert fitted == {("per-sample", 1): pytest.approx(17.0), ("per-sample", 2): pytest.approx(39.0),
-                      ("shared", 1): pytest.approx(12.0)}
+    assert fitted == {
+        ("per-sample", 1): pytest.approx(17.0),
+        ("per-sample", 2): pytest.approx(39.0),
+        ("shared", 1): pytest.approx(12.0),
+    }
     # With no pair near the crossover, the median of all.
     far = [row("shared", (64, 64), 1.0, 10.0, 0.4), row("shared", (64, 64), 1.0, 20.0, 0.3)]
     assert bench.fit_fft_cost(far) == {("shared", 2): pytest.approx(5.0)}
@@ -251,9 +319,21 @@ def test_the_crossover_fit_keeps_kinds_and_dims_apart_and_uses_the_pairs_near_th
 
 def test_crossover_tiny(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "bench" / "bench_ops.py"), "--crossover", "--tiny", "--repeats", "3",
-         "--warmup", "1", "--budget", "1"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "tools" / "bench" / "bench_ops.py"),
+            "--crossover",
+            "--tiny",
+            "--repeats",
+            "3",
+            "--warmup",
+            "1",
+            "--budget",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     for kernel in ("per-sample", "shared"):
@@ -265,14 +345,24 @@ def test_the_auto_target_says_whether_auto_ran_the_faster_algorithm():
     bench = _bench_ops_module()
 
     def auto(ksize, direct, fft, ran):
-        return {**_result("hkconv", (28, 28), {"ours": 1.0, "eager": 9.0, "direct": direct, "fft": fft},
-                          ksize=ksize, algo="auto", shared=False), "auto_runs": ran}
+        return {
+            **_result(
+                "hkconv",
+                (28, 28),
+                {"ours": 1.0, "eager": 9.0, "direct": direct, "fft": fft},
+                ksize=ksize,
+                algo="auto",
+                shared=False,
+            ),
+            "auto_runs": ran,
+        }
 
     target = "algo='auto' within 10 % of the better of direct and fft"
     good = {t["target"]: t for t in bench.evaluate_targets([auto(3, 1.0, 4.0, "direct"), auto(9, 3.0, 1.1, "fft")])}
     assert good[target]["choices"] == [("3@28x28", "direct", "direct"), ("9@28x28", "fft", "fft")]
     assert bench.describe_auto_choices(good[target]["choices"]).startswith(
-        "auto ran the faster of direct and fft at every size (ran: direct, fft;")
+        "auto ran the faster of direct and fft at every size (ran: direct, fft;"
+    )
     bad = {t["target"]: t for t in bench.evaluate_targets([auto(3, 1.0, 4.0, None), auto(9, 3.0, 1.1, "direct")])}
     line = bench.describe_auto_choices(bad[target]["choices"])
     assert line.startswith("9@28x28 ran direct, fft faster; not told: 3@28x28 (ran: direct;")

@@ -51,8 +51,13 @@ def _write_tiny(src: Path, namespace: str, value: int) -> None:
 
 
 def _start_tiny_build(src: Path, namespace: str, cache: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", BUILD_TINY, str(src), namespace], env=_env(cache),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", BUILD_TINY, str(src), namespace],
+        env=_env(cache),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _finish(proc: subprocess.Popen) -> dict:
@@ -131,7 +136,9 @@ def test_lock_waits_then_times_out_with_a_clear_message(tmp_path):
     lock = tmp_path / "x.lock"
     with _build.build_lock(lock, timeout=1):
         start = time.monotonic()
-        with pytest.raises(_build.BuildError, match=r"waited 0 s for another process building in .*TERMINATOR_BUILD_TIMEOUT"):
+        with pytest.raises(
+            _build.BuildError, match=r"waited 0 s for another process building in .*TERMINATOR_BUILD_TIMEOUT"
+        ):
             with _build.build_lock(lock, timeout=0.3):
                 pass
         assert time.monotonic() - start >= 0.3
@@ -142,10 +149,17 @@ def test_lock_waits_then_times_out_with_a_clear_message(tmp_path):
 def test_lock_of_a_killed_builder_is_released(tmp_path):
     lock = tmp_path / "x.lock"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom terminator.ops import _build\n"
-         f"with _build.build_lock(__import__('pathlib').Path({str(lock)!r}), 5):\n"
-         "    print('held', flush=True); time.sleep(60)"],
-        env=_env(tmp_path), stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom terminator.ops import _build\n"
+            f"with _build.build_lock(__import__('pathlib').Path({str(lock)!r}), 5):\n"
+            "    print('held', flush=True); time.sleep(60)",
+        ],
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     holder.kill()
     holder.wait()
@@ -175,8 +189,9 @@ PROBE = textwrap.dedent(
 
 
 def _probe(**env: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE], env=dict(os.environ, **env), capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], env=dict(os.environ, **env), capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -202,7 +217,10 @@ def test_forcing_cuda_without_a_gpu_is_an_error():
         pytest.skip("this machine has a GPU")
     result = _probe(TERMINATOR_BACKEND="cuda")
     assert result["error"] == "BuildError"
-    assert "TERMINATOR_BACKEND=cuda but the CUDA backend is unavailable: torch.cuda.is_available() is False" in result["message"]
+    assert (
+        "TERMINATOR_BACKEND=cuda but the CUDA backend is unavailable: torch.cuda.is_available() is False"
+        in result["message"]
+    )
 
 
 def test_unknown_backend_value_is_an_error():
@@ -217,10 +235,17 @@ def test_reference_backend_compiles_nothing(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("env", [{"TERMINATOR_MARCH": "a b"}, {"TERMINATOR_MARCH": "no-such-cpu", "TERMINATOR_BACKEND": "cpp"}])
+@pytest.mark.parametrize(
+    "env", [{"TERMINATOR_MARCH": "a b"}, {"TERMINATOR_MARCH": "no-such-cpu", "TERMINATOR_BACKEND": "cpp"}]
+)
 def test_build_cli_says_why_a_build_fails_without_a_traceback(tmp_path, env):
-    out = subprocess.run([sys.executable, "-m", "terminator", "build"], capture_output=True, text=True,
-                         timeout=600, env={**os.environ, "TERMINATOR_CACHE_DIR": str(tmp_path), **env})
+    out = subprocess.run(
+        [sys.executable, "-m", "terminator", "build"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TERMINATOR_CACHE_DIR": str(tmp_path), **env},
+    )
     assert out.returncode == 1
     assert "build failed: " in out.stderr and "Traceback" not in out.stderr
     assert "TERMINATOR_MARCH must be" in out.stderr or "no-such-cpu" in out.stderr

@@ -85,8 +85,14 @@ def _write(src: Path, value: int) -> Path:
 
 
 def _build_in_subprocess(src: Path, name: str, cache: Path, preexec_fn=None, **env: str) -> tuple[dict, str]:
-    out = subprocess.run([sys.executable, "-c", BUILD, str(src), name], env=_env(cache, **env),
-                         capture_output=True, text=True, timeout=600, preexec_fn=preexec_fn)
+    out = subprocess.run(
+        [sys.executable, "-c", BUILD, str(src), name],
+        env=_env(cache, **env),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=preexec_fn,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
 
@@ -94,8 +100,9 @@ def _build_in_subprocess(src: Path, name: str, cache: Path, preexec_fn=None, **e
 def _probe(cache: Path, *hidden_modules: str, **env: str) -> dict:
     environment = _env(cache, **env)
     environment["TERMINATOR_BACKEND"] = env.get("TERMINATOR_BACKEND", "auto")
-    out = subprocess.run([sys.executable, "-c", PROBE, *hidden_modules], env=environment,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, *hidden_modules], env=environment, capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -123,8 +130,13 @@ def test_builder_killed_mid_compile_does_not_wedge_the_next_start(tmp_path):
     slow = tmp_path / "slow-c++"
     slow.write_text(SLOW_COMPILER.format(mark=mark))
     slow.chmod(0o755)
-    first = subprocess.Popen([sys.executable, "-c", BUILD, str(src), name], env=_env(cache, CXX=str(slow)),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    first = subprocess.Popen(
+        [sys.executable, "-c", BUILD, str(src), name],
+        env=_env(cache, CXX=str(slow)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while not mark.exists():
@@ -153,12 +165,21 @@ def test_builder_killed_mid_compile_does_not_wedge_the_next_start(tmp_path):
 def test_a_lock_held_past_the_timeout_names_its_holder(tmp_path):
     lock = tmp_path / "x.lock"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import time\nfrom pathlib import Path\nfrom terminator.ops import _build\n"
-         f"with _build.build_lock(Path({str(lock)!r}), 5):\n    print('held', flush=True); time.sleep(60)"],
-        env=_env(tmp_path), stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import time\nfrom pathlib import Path\nfrom terminator.ops import _build\n"
+            f"with _build.build_lock(Path({str(lock)!r}), 5):\n    print('held', flush=True); time.sleep(60)",
+        ],
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(_build.BuildError, match=rf"held by process {holder.pid} since \d+ s\).*TERMINATOR_BUILD_TIMEOUT"):
+        with pytest.raises(
+            _build.BuildError, match=rf"held by process {holder.pid} since \d+ s\).*TERMINATOR_BUILD_TIMEOUT"
+        ):
             with _build.build_lock(lock, timeout=0.3):
                 pass
     finally:
@@ -178,8 +199,11 @@ def test_a_lock_kept_by_an_orphan_is_reported_as_such(tmp_path):
     orphan = subprocess.Popen(["sleep", "60"], pass_fds=(handle.fileno(),))
     handle.close()  # our copy closed: only the child keeps the lock
     try:
-        with pytest.raises(_build.BuildError, match=r"process 999999999 that took it since \d+ s is gone, "
-                                                    r"so a process it started holds it"):
+        with pytest.raises(
+            _build.BuildError,
+            match=r"process 999999999 that took it since \d+ s is gone, "
+            r"so a process it started holds it",
+        ):
             with _build.build_lock(lock, timeout=0.3):
                 pass
     finally:
@@ -235,6 +259,7 @@ def test_unreadable_marker_is_rebuilt(tmp_path):
 def test_library_that_fails_to_load_is_rebuilt(tmp_path):
     """A marker from an older version (no checksum) over a broken library: the load fails,
     the directory is deleted and rebuilt once, under the lock."""
+
     def old_marker_bad_library(library, marker):
         info = json.loads(marker.read_text())
         del info["library_size"], info["library_sha256"]
@@ -250,8 +275,9 @@ def test_a_library_that_never_loads_fails_once_with_the_cause(tmp_path):
     name, cache = _name(), tmp_path / "cache"
     src = tmp_path / "src"
     src.mkdir()
-    (src / "tiny.cpp").write_text('extern "C" int not_defined_anywhere();\n'
-                                  'extern "C" int plus_n(int x) { return not_defined_anywhere(); }\n')
+    (src / "tiny.cpp").write_text(
+        'extern "C" int not_defined_anywhere();\nextern "C" int plus_n(int x) { return not_defined_anywhere(); }\n'
+    )
     result, _ = _build_in_subprocess(src, name, cache)
     assert "failed" in result["error"] and "TERMINATOR_VERBOSE_BUILD" in result["error"]
 
@@ -280,8 +306,12 @@ def _read_only(path: Path) -> None:
 
 
 def _require_unwritable(path: Path, preexec_fn) -> None:
-    probe = subprocess.run([sys.executable, "-c", f"import os; print(os.access({str(path)!r}, os.W_OK))"],
-                           capture_output=True, text=True, preexec_fn=preexec_fn)
+    probe = subprocess.run(
+        [sys.executable, "-c", f"import os; print(os.access({str(path)!r}, os.W_OK))"],
+        capture_output=True,
+        text=True,
+        preexec_fn=preexec_fn,
+    )
     if probe.stdout.strip() != "False":
         pytest.skip(f"cannot make {path} read-only for a subprocess here ({probe.stderr.strip()[-200:]})")
 
@@ -294,8 +324,14 @@ def test_read_only_cache_without_a_build_falls_back_with_advice(tmp_path):
     _require_unwritable(cache, preexec)
     try:
         environment = _env(cache, TERMINATOR_BACKEND="auto")
-        out = subprocess.run([sys.executable, "-c", PROBE], env=environment, capture_output=True, text=True,
-                             timeout=600, preexec_fn=preexec)
+        out = subprocess.run(
+            [sys.executable, "-c", PROBE],
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            preexec_fn=preexec,
+        )
         assert out.returncode == 0, out.stderr
         result = json.loads(out.stdout.strip().splitlines()[-1])
         assert result["backend"] == "reference"

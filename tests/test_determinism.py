@@ -36,8 +36,7 @@ CASES = {
     "global dot, shared k": ("global", {"mode": "dot"}, [(C, H, W), (B, C, H, W), None]),
     "global dot, per-sample k, x": ("global", {"mode": "dot"}, [(B, C, H, W), (B, C, H, W), (B, C, H, W)]),
     "global matmul, shared k": ("global", {"mode": "matmul"}, [(1, C, H, W), (B, C, H, W), None]),
-    "global matmul, per-sample k, x": ("global", {"mode": "matmul"},
-                                       [(B, C, H, W), (B, C, H, W), (B, C, H, W)]),
+    "global matmul, per-sample k, x": ("global", {"mode": "matmul"}, [(B, C, H, W), (B, C, H, W), (B, C, H, W)]),
     "global conv, shared k": ("global", {"mode": "conv"}, [(C, H, W), (B, C, H, W), None]),
     "global conv 1D, per-sample k, x": ("global", {"mode": "conv"}, [(B, C, 784), (B, C, 784), (B, C, 784)]),
     "conv direct 3x3, shared w": ("conv", {"algo": "direct"}, [(B, C, H, W), (C, 3, 3)]),
@@ -55,8 +54,7 @@ CASES = {
     "conv direct 3x3, shared w, 2 channels": ("conv", {"algo": "direct"}, [(42, 2, 20, 20), (2, 3, 3)]),
 }
 # Designed to be thread-count independent (fixed summation order in our own kernels).
-THREAD_INDEPENDENT = [name for name in CASES if "fft" not in name and "auto" not in name
-                      and "global conv" not in name]
+THREAD_INDEPENDENT = [name for name in CASES if "fft" not in name and "auto" not in name and "global conv" not in name]
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
@@ -64,8 +62,9 @@ def run_case(name: str, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]
     """Output and every input's gradient for one case (fixed inputs per seed)."""
     op, kwargs, shapes = CASES[name]
     gen = torch.Generator().manual_seed(seed)
-    inputs = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).requires_grad_() if s else None
-              for s in shapes]
+    inputs = [
+        torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).requires_grad_() if s else None for s in shapes
+    ]
     if op == "global":
         y = ops.hyperzzw_global(*inputs, **kwargs)
     else:
@@ -76,13 +75,15 @@ def run_case(name: str, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]
 
 
 def digest(tensors: list[torch.Tensor]) -> list[str]:
-    return [hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
-            for t in tensors]
+    return [hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16] for t in tensors]
 
 
 def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -97,9 +98,13 @@ def test_repeated_calls_are_bitwise_identical(name, dtype):
 
 def thread_digests(threads: int, dtype: str = "float32") -> dict[str, list[str]]:
     """Digests of every case computed in a fresh process with ``threads`` intra-op threads."""
-    out = subprocess.run([sys.executable, __file__, "--threads", str(threads), "--dtype", dtype],
-                         capture_output=True, text=True, timeout=900,
-                         env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+    out = subprocess.run(
+        [sys.executable, __file__, "--threads", str(threads), "--dtype", dtype],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, OMP_NUM_THREADS=str(threads)),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -110,7 +115,8 @@ def test_thread_count_does_not_change_our_kernels(compiled):
     runs = {n: thread_digests(n) for n in (1, 2, 3)}
     for name in THREAD_INDEPENDENT:
         assert runs[1][name] == runs[2][name] == runs[3][name], (
-            f"{name}: results depend on the thread count: {[runs[n][name] for n in (1, 2, 3)]}")
+            f"{name}: results depend on the thread count: {[runs[n][name] for n in (1, 2, 3)]}"
+        )
 
 
 def main() -> int:

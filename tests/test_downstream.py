@@ -29,8 +29,12 @@ GLOBAL_CASES = [  # (mode, spatial, x given, kernel form)
     for mode, spatial in [("dot", (6,)), ("dot", (4, 5)), ("matmul", (4, 4)), ("conv", (7,)), ("conv", (4, 5))]
     for has_x, form in [(False, "C"), (True, "BC"), (False, "1C")]
 ]
-CONV_CASES = [(spatial, kernel, form, algo) for spatial, kernel in [((9,), (3,)), ((5, 6), (3, 2))]
-              for form in ("C", "BC") for algo in ("direct", "fft")]
+CONV_CASES = [
+    (spatial, kernel, form, algo)
+    for spatial, kernel in [((9,), (3,)), ((5, 6), (3, 2))]
+    for form in ("C", "BC")
+    for algo in ("direct", "fft")
+]
 
 
 def _randn(*shape, seed=0, dtype=F64):
@@ -61,8 +65,10 @@ def _close(actual, expected, tol=1e-10):
 
 def _ours_and_reference(mode_or_algo, kind):
     if kind == "global":
-        return (lambda k, z, x: ops.hyperzzw_global(k, z, x, mode=mode_or_algo),
-                lambda k, z, x: reference.hyperzzw_global(k, z, x, mode=mode_or_algo))
+        return (
+            lambda k, z, x: ops.hyperzzw_global(k, z, x, mode=mode_or_algo),
+            lambda k, z, x: reference.hyperzzw_global(k, z, x, mode=mode_or_algo),
+        )
     return (lambda x, w: ops.hyperkernel_conv(x, w, algo=mode_or_algo), reference.hyperkernel_conv)
 
 
@@ -136,23 +142,29 @@ def test_global_forward_ad_matches_reference_and_finite_differences(mode, spatia
     args = _global_args(mode, spatial, has_x, form)
     tangents = [torch.randn_like(a) if a is not None else None for a in args]
     ours, ref = _ours_and_reference(mode, "global")
-    expected = torch.func.jvp(lambda *a: ref(*a), tuple(a for a in args if a is not None),
-                              tuple(t for t in tangents if t is not None))[1] if has_x else \
-        torch.func.jvp(lambda k, z: ref(k, z, None), args[:2], tuple(tangents[:2]))[1]
+    expected = (
+        torch.func.jvp(
+            lambda *a: ref(*a), tuple(a for a in args if a is not None), tuple(t for t in tangents if t is not None)
+        )[1]
+        if has_x
+        else torch.func.jvp(lambda k, z: ref(k, z, None), args[:2], tuple(tangents[:2]))[1]
+    )
     _close(_finite_difference(ref, args, tangents), expected, tol=1e-6)
     # a dual z alone, then every input dual, and an input that also requires grad
     for duals in ([False, True, False], [True, True, True]):
         with fwAD.dual_level():
-            inputs = [fwAD.make_dual(a, t) if a is not None and dual else a
-                      for a, t, dual in zip(args, tangents, duals)]
+            inputs = [
+                fwAD.make_dual(a, t) if a is not None and dual else a for a, t, dual in zip(args, tangents, duals)
+            ]
             inputs[0] = inputs[0].requires_grad_() if not duals[0] else inputs[0]
             tangent = fwAD.unpack_dual(ours(*inputs)).tangent
             ref_tangent = fwAD.unpack_dual(ref(*inputs)).tangent
         assert tangent is not None, "the op dropped the tangent"
         _close(tangent, ref_tangent)
     with fwAD.dual_level():
-        tangent = fwAD.unpack_dual(ours(*[fwAD.make_dual(a, t) if a is not None else None
-                                          for a, t in zip(args, tangents)])).tangent
+        tangent = fwAD.unpack_dual(
+            ours(*[fwAD.make_dual(a, t) if a is not None else None for a, t in zip(args, tangents)])
+        ).tangent
     _close(tangent, expected)
 
 
@@ -334,8 +346,14 @@ def test_presets_train_and_evaluate_under_bfloat16_autocast(preset):
 def _cli(*args, cwd=None):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "terminator", *args], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=cwd or ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "terminator", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=cwd or ROOT,
+    )
 
 
 def _snapshot(folder: Path) -> dict:
@@ -347,9 +365,25 @@ def trained_run(tmp_path_factory):
     from terminator.cli import main
 
     run = tmp_path_factory.mktemp("run") / "run"
-    tiny = ["--set", "model.channels=[1,4]", "--set", "model.factors=[4,2]", "--set", "model.previous=[[],[]]",
-            "--set", "model.global_layers=[1,1]", "--set", "model.dropout=[0,0]", "--set", "plots=false",
-            "--set", "limit_train=200", "--set", "limit_test=50", "--no-progress"]
+    tiny = [
+        "--set",
+        "model.channels=[1,4]",
+        "--set",
+        "model.factors=[4,2]",
+        "--set",
+        "model.previous=[[],[]]",
+        "--set",
+        "model.global_layers=[1,1]",
+        "--set",
+        "model.dropout=[0,0]",
+        "--set",
+        "plots=false",
+        "--set",
+        "limit_train=200",
+        "--set",
+        "limit_test=50",
+        "--no-progress",
+    ]
     assert main(["train", "--dataset", "digits", "--epochs", "1", "--out", str(run), *tiny]) == 0
     return run
 
@@ -366,8 +400,14 @@ def _damaged_checkpoints(good: Path) -> dict[str, bytes]:
     del no_history["history"]
     partial = good.with_name("partial.tmp.pt")
     torch.save(no_history, partial)
-    cases = {"empty": b"", "truncated": data[: len(data) // 2], "garbage": os.urandom(4096),
-             "foreign": foreign.read_bytes(), "mismatched": mismatched.read_bytes(), "partial": partial.read_bytes()}
+    cases = {
+        "empty": b"",
+        "truncated": data[: len(data) // 2],
+        "garbage": os.urandom(4096),
+        "foreign": foreign.read_bytes(),
+        "mismatched": mismatched.read_bytes(),
+        "partial": partial.read_bytes(),
+    }
     for p in (foreign, mismatched, partial):
         p.unlink()
     return cases
@@ -424,9 +464,14 @@ def test_exported_program_loads_and_runs_in_a_fresh_process(tmp_path):
         "torch.testing.assert_close(program.module()(io['x']), io['y'], rtol=1e-5, atol=1e-5)\n"
         "print('ok')\n"
     )
-    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "model.pt2"), str(tmp_path / "io.pt")],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    r = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "model.pt2"), str(tmp_path / "io.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
 
 

@@ -36,7 +36,9 @@ def test_wrong_rank(entry):
         _global(entry)(torch.randn(4), torch.randn(3, 4))
     with pytest.raises(ValueError, match=r"x must have shape \(B, C, L\) or \(B, C, H, W\), got \(1, 2, 3, 4, 5\)"):
         _conv(entry)(torch.randn(1, 2, 3, 4, 5), torch.randn(2, 3, 3))
-    with pytest.raises(ValueError, match=r"w must have shape \(C, \*K\), \(1, C, \*K\) or \(B, C, \*K\) with 2 spatial"):
+    with pytest.raises(
+        ValueError, match=r"w must have shape \(C, \*K\), \(1, C, \*K\) or \(B, C, \*K\) with 2 spatial"
+    ):
         _conv(entry)(torch.randn(1, 2, 5, 5), torch.randn(3))
 
 
@@ -69,12 +71,17 @@ def test_kernel_batch_size(entry):
 
 
 def test_kernel_larger_than_allowed(entry):
-    with pytest.raises(ValueError, match=r"w spatial size must be between 1 and the input size \(5, 5\) in every dim, got \(3, 6, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"w spatial size must be between 1 and the input size \(5, 5\) in every dim, got \(3, 6, 3\)"
+    ):
         _conv(entry)(torch.randn(2, 3, 5, 5), torch.randn(3, 6, 3))
 
 
 def test_integer_dtype(entry):
-    with pytest.raises(ValueError, match=r"z must be a floating-point tensor \(float32, float64, float16 or bfloat16\), got torch\.int64"):
+    with pytest.raises(
+        ValueError,
+        match=r"z must be a floating-point tensor \(float32, float64, float16 or bfloat16\), got torch\.int64",
+    ):
         _global(entry)(torch.ones(3, 5, dtype=torch.long), torch.ones(2, 3, 5, dtype=torch.long))
     with pytest.raises(ValueError, match=r"x must be a floating-point tensor .*got torch\.bool"):
         _conv(entry)(torch.ones(2, 3, 5, dtype=torch.bool), torch.ones(3, 3, dtype=torch.bool))
@@ -100,7 +107,9 @@ def test_unknown_mode(entry):
 
 
 def test_matmul_needs_square_2d(entry):
-    with pytest.raises(ValueError, match=r"mode='matmul' needs square 2D activations z \(B, C, H, W\) with H == W, got \(2, 3, 4, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"mode='matmul' needs square 2D activations z \(B, C, H, W\) with H == W, got \(2, 3, 4, 5\)"
+    ):
         _global(entry)(torch.randn(3, 4, 5), torch.randn(2, 3, 4, 5), mode="matmul")
     with pytest.raises(ValueError, match=r"mode='matmul' needs square 2D"):
         _global(entry)(torch.randn(3, 5), torch.randn(2, 3, 5), mode="matmul")
@@ -120,4 +129,6 @@ def test_backward_op_checks_grad_shape(entry):
     if entry == "python":
         pytest.skip("the backward ops are internal")
     with pytest.raises(ValueError, match=r"grad_y must have the shape of x \(2, 3, 5\), got \(2, 3, 4\)"):
-        torch.ops.terminator.hyperkernel_conv_backward(torch.randn(2, 3, 4), torch.randn(2, 3, 5), torch.randn(3, 3), "auto")
+        torch.ops.terminator.hyperkernel_conv_backward(
+            torch.randn(2, 3, 4), torch.randn(2, 3, 5), torch.randn(3, 3), "auto"
+        )

@@ -41,8 +41,10 @@ def test_fuzz_sample(worker):
     def check(case):
         result = worker.run(case)
         outcomes[result["outcome"]] += 1
-        assert result["ok"], (f"{result['outcome']}: {fuzz_ops.describe(case)}\n{result['detail']}\n"
-                              f"replay: tools/ci/fuzz_ops.py --replay <file with> {json.dumps(case)}")
+        assert result["ok"], (
+            f"{result['outcome']}: {fuzz_ops.describe(case)}\n{result['detail']}\n"
+            f"replay: tools/ci/fuzz_ops.py --replay <file with> {json.dumps(case)}"
+        )
 
     check()
     print(f"fuzz sample on the {worker.backend} backend: {dict(outcomes)}")
@@ -54,12 +56,37 @@ def test_fuzz_sample(worker):
 
 
 def _case(**overrides):
-    case = {"op": "conv", "entry": "python", "mode": None, "algo": "direct", "grad": True, "seed": 1,
-            "mutations": [], "tensors": {
-                "x": {"kind": "tensor", "shape": [2, 3, 7], "dtype": "float32", "device": "cpu",
-                      "layout": "sliced", "values": "normal", "expand_dim": 0, "perm_seed": 0},
-                "w": {"kind": "tensor", "shape": [3, 3], "dtype": "float32", "device": "cpu",
-                      "layout": "contiguous", "values": "normal", "expand_dim": 0, "perm_seed": 0}}}
+    case = {
+        "op": "conv",
+        "entry": "python",
+        "mode": None,
+        "algo": "direct",
+        "grad": True,
+        "seed": 1,
+        "mutations": [],
+        "tensors": {
+            "x": {
+                "kind": "tensor",
+                "shape": [2, 3, 7],
+                "dtype": "float32",
+                "device": "cpu",
+                "layout": "sliced",
+                "values": "normal",
+                "expand_dim": 0,
+                "perm_seed": 0,
+            },
+            "w": {
+                "kind": "tensor",
+                "shape": [3, 3],
+                "dtype": "float32",
+                "device": "cpu",
+                "layout": "contiguous",
+                "values": "normal",
+                "expand_dim": 0,
+                "perm_seed": 0,
+            },
+        },
+    }
     case.update(overrides)
     return case
 

@@ -20,15 +20,17 @@ import os
 
 import pytest
 import torch
+from helpers import assert_close_scaled
 
 import terminator.ops as ops
-from helpers import assert_close_scaled
 from terminator.ops import reference
 
 pytestmark = [
     pytest.mark.large,
-    pytest.mark.skipif(os.environ.get("TERMINATOR_LARGE_TESTS") != "1",
-                       reason="needs ~12 GiB and minutes; set TERMINATOR_LARGE_TESTS=1"),
+    pytest.mark.skipif(
+        os.environ.get("TERMINATOR_LARGE_TESTS") != "1",
+        reason="needs ~12 GiB and minutes; set TERMINATOR_LARGE_TESTS=1",
+    ),
 ]
 
 DTYPE = torch.bfloat16
@@ -69,20 +71,32 @@ def test_dot_mode_with_batch_offsets_past_2_31():
     kf, zf = k.view(-1), z.view(-1)
 
     def k_at(i0, i1):  # k for flat positions of z
-        return torch.cat([kf[a % L: (a % L) + (b - a)] for a, b in _split_at(i0, i1, L)]).float()
+        return torch.cat([kf[a % L : (a % L) + (b - a)] for a, b in _split_at(i0, i1, L)]).float()
 
-    _check_chunks(y, lambda i0, i1: k_at(i0, i1) * zf[i0:i1].float() ** 2,
-                  lambda i0, i1: (k_at(i0, i1) * zf[i0:i1].float() ** 2).abs(), "y")
+    _check_chunks(
+        y,
+        lambda i0, i1: k_at(i0, i1) * zf[i0:i1].float() ** 2,
+        lambda i0, i1: (k_at(i0, i1) * zf[i0:i1].float() ** 2).abs(),
+        "y",
+    )
     del y
     gc.collect()
     # grad_y = z: dk = Σ_b z^3, dz = 2 z k z.
     gk, gz, gx = torch.ops.terminator.hyperzzw_global_backward(z, k, z, None, "dot")
     assert gx.numel() == 0 and gk.shape == k.shape and gz.shape == z.shape
-    _check_chunks(gz, lambda i0, i1: 2 * k_at(i0, i1) * zf[i0:i1].float() ** 2,
-                  lambda i0, i1: (2 * k_at(i0, i1) * zf[i0:i1].float() ** 2).abs(), "grad z")
+    _check_chunks(
+        gz,
+        lambda i0, i1: 2 * k_at(i0, i1) * zf[i0:i1].float() ** 2,
+        lambda i0, i1: (2 * k_at(i0, i1) * zf[i0:i1].float() ** 2).abs(),
+        "grad z",
+    )
     z0, z1 = z[0, 0], z[1, 0]
-    _check_chunks(gk, lambda i0, i1: z0[i0:i1].float() ** 3 + z1[i0:i1].float() ** 3,
-                  lambda i0, i1: z0[i0:i1].float().abs() ** 3 + z1[i0:i1].float().abs() ** 3, "grad k")
+    _check_chunks(
+        gk,
+        lambda i0, i1: z0[i0:i1].float() ** 3 + z1[i0:i1].float() ** 3,
+        lambda i0, i1: z0[i0:i1].float().abs() ** 3 + z1[i0:i1].float().abs() ** 3,
+        "grad k",
+    )
 
 
 def _split_at(i0: int, i1: int, period: int):
@@ -99,8 +113,12 @@ def test_dot_mode_with_a_single_plane_past_2_31():
     k = _randn_(torch.empty(1, PAST, dtype=DTYPE), 4)
     y = ops.hyperzzw_global(k, z, mode="dot")
     kf, zf = k.view(-1), z.view(-1)
-    _check_chunks(y, lambda i0, i1: kf[i0:i1].float() * zf[i0:i1].float() ** 2,
-                  lambda i0, i1: (kf[i0:i1].float() * zf[i0:i1].float() ** 2).abs(), "y")
+    _check_chunks(
+        y,
+        lambda i0, i1: kf[i0:i1].float() * zf[i0:i1].float() ** 2,
+        lambda i0, i1: (kf[i0:i1].float() * zf[i0:i1].float() ** 2).abs(),
+        "y",
+    )
 
 
 def test_direct_conv_with_plane_offsets_past_2_31():
@@ -127,8 +145,9 @@ def test_direct_conv_with_plane_offsets_past_2_31():
     for c0 in range(0, C, planes):
         c1 = min(C, c0 + planes)
         # Even-free 3×3: the input gradient is the correlation with the flipped kernel.
-        assert_close_scaled(gx[:, c0:c1], ref(x, flipped, c0, c1), ref(x.abs(), flipped.abs(), c0, c1), DTYPE,
-                            f"grad x[:, {c0}:{c1}]")
+        assert_close_scaled(
+            gx[:, c0:c1], ref(x, flipped, c0, c1), ref(x.abs(), flipped.abs(), c0, c1), DTYPE, f"grad x[:, {c0}:{c1}]"
+        )
     expected_gw = torch.empty(C, 3, 3, dtype=torch.float64)
     scale_gw = torch.empty_like(expected_gw)
     for c0 in range(0, C, planes):

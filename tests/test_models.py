@@ -8,9 +8,9 @@ import re
 
 import pytest
 import torch
+from nn_helpers import single_thread, tiny_config, tiny_input, tiny_model, warm_up  # noqa: F401 (autouse fixture)
 
 import terminator.ops as ops
-from nn_helpers import single_thread, tiny_config, tiny_input, tiny_model, warm_up  # noqa: F401 (autouse fixture)
 from terminator.losses import TerminatorLoss
 from terminator.models import PRESETS, Terminator, TerminatorConfig, preset_parameter_counts
 from terminator.optim import Kar3

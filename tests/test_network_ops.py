@@ -12,7 +12,6 @@ import torch
 import terminator.ops as ops
 from terminator.models import Terminator
 from terminator.nn import GIBS, RGU, SlowNetL
-from terminator.ops import reference
 
 COMPILED = ops.backend().name != "reference"
 requires_compiled = pytest.mark.skipif(not COMPILED, reason="compiled backend not active")
@@ -55,8 +54,13 @@ def _compare(fn, inputs, dtype):
     fused = _grads(fn, leaves)
     with _reference_backend():
         ref = _grads(fn, leaves)
-        exact = _grads(fn, [t.double().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
-                            for t in leaves]) if dtype != torch.float64 else ref
+        exact = (
+            _grads(
+                fn, [t.double().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t for t in leaves]
+            )
+            if dtype != torch.float64
+            else ref
+        )
     for i, (a, b, e) in enumerate(zip(fused, ref, exact)):
         scale = e.abs().max().item() if e.numel() else 0.0
         if dtype == torch.float64:
@@ -98,8 +102,9 @@ def test_standardize_matches_its_composition(dtype, kind, training, spatial):
         channels = ops.ChannelGroups(gibs.bs_index, gibs.in_index, gibs.order)
         stats = len(gibs.bs_index)
     for gelu in (False, True):
-        running = [_randn(stats, seed=4).to(dtype), _randn(stats, seed=5).abs().add(0.5).to(dtype)] if stats else [
-            None, None]
+        running = (
+            [_randn(stats, seed=4).to(dtype), _randn(stats, seed=5).abs().add(0.5).to(dtype)] if stats else [None, None]
+        )
         pristine = [t.clone() if t is not None else None for t in running]
 
         def fn(x, bias, running=running):

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from nn_helpers import single_thread  # noqa: F401 (autouse fixture)
 
 import terminator.nn as tnn
-from nn_helpers import single_thread  # noqa: F401 (autouse fixture)
 
 
 @pytest.mark.parametrize("size", [(7,), (5, 6)])
@@ -71,8 +71,9 @@ def test_modules_follow_dtype():
     g = tnn.SlowNetG(2, (4, 4), out_channels=2, hidden=4).double()
     assert g.magnet.coords.dtype == torch.float64
     assert g().dtype == torch.float64
-    block = tnn.SFNEBlock(1, 2, 2, (12,), global_hidden=4, local_hidden=4, gc_hidden=4,
-                          hi_channel_hidden=4, hi_spatial_hidden=4).double()
+    block = tnn.SFNEBlock(
+        1, 2, 2, (12,), global_hidden=4, local_hidden=4, gc_hidden=4, hi_channel_hidden=4, hi_spatial_hidden=4
+    ).double()
     out, k = block(torch.randn(2, 2, 12, dtype=torch.float64))
     assert out.dtype == k.dtype == torch.float64
 
@@ -137,7 +138,11 @@ def test_instance_and_batch_standardization():
     assert torch.allclose(y.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5)
     assert not torch.allclose(bs.running_mean, torch.zeros(3))
     bs.eval()
-    assert torch.allclose(bs(x[:1]), (x[:1] - bs.running_mean.view(1, 3, 1, 1)) / (bs.running_var.view(1, 3, 1, 1) + 1e-5).sqrt(), atol=1e-5)
+    assert torch.allclose(
+        bs(x[:1]),
+        (x[:1] - bs.running_mean.view(1, 3, 1, 1)) / (bs.running_var.view(1, 3, 1, 1) + 1e-5).sqrt(),
+        atol=1e-5,
+    )
     faithful = tnn.BatchStandardization(3, running_stats=False).eval()
     assert "running_mean" not in faithful.state_dict()
     assert torch.allclose(faithful(x).mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5)
@@ -195,8 +200,19 @@ def terminator_reference():
 @pytest.mark.parametrize("data_dim", [1, 2])
 def test_sfne_block(data_dim):
     size = (10,) * data_dim
-    block = tnn.SFNEBlock(data_dim, 3, 4, size, num_previous=2, global_hidden=8, local_hidden=8,
-                          gc_hidden=8, hi_channel_hidden=4, hi_spatial_hidden=8, local_sizes=(3, 5, 3, 7))
+    block = tnn.SFNEBlock(
+        data_dim,
+        3,
+        4,
+        size,
+        num_previous=2,
+        global_hidden=8,
+        local_hidden=8,
+        gc_hidden=8,
+        hi_channel_hidden=4,
+        hi_spatial_hidden=8,
+        local_sizes=(3, 5, 3, 7),
+    )
     x = torch.randn(2, 3, *size)
     out, k = block(x, torch.randn(2, 1, *size), torch.randn(2, 3, *size))
     assert out.shape == (2, 12, *size) and k.shape == (3, *size)

@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
+from helpers import assert_close_scaled
 
 import terminator.ops as ops
-from helpers import assert_close_scaled
 from terminator.ops import reference
 
 NAN, INF = math.nan, math.inf

@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
-
-import terminator.ops as ops
 from helpers import (
     check_against_reference,
     conv_inputs,
     global_inputs,
     global_ref,
-    kernel_shape,
     run_with_grads,
 )
+from hypothesis import given
+from hypothesis import strategies as st
+
+import terminator.ops as ops
 from terminator.ops import reference
 
 KERNEL_FORMS = ["C", "1C", "BC"]
@@ -77,16 +76,18 @@ def conv_cases(draw):
 @pytest.mark.parametrize("dtype", EXACT_DTYPES)
 @given(case=global_cases())
 def test_global_matches_reference(case, dtype):
-    k, z, x = global_inputs(case["batch"], case["channels"], case["spatial"], case["form"], case["has_x"],
-                            dtype, case["seed"])
+    k, z, x = global_inputs(
+        case["batch"], case["channels"], case["spatial"], case["form"], case["has_x"], dtype, case["seed"]
+    )
     check_against_reference(ours_global(case["mode"]), global_ref(case["mode"]), (k, z, x), "kzx", dtype)
 
 
 @pytest.mark.parametrize("dtype", EXACT_DTYPES)
 @given(case=conv_cases())
 def test_conv_matches_reference(case, dtype):
-    x, w = conv_inputs(case["batch"], case["channels"], case["spatial"], case["kernel"], case["form"],
-                       dtype, case["seed"])
+    x, w = conv_inputs(
+        case["batch"], case["channels"], case["spatial"], case["kernel"], case["form"], dtype, case["seed"]
+    )
     check_against_reference(ours_conv(case["algo"]), reference.conv_same, (x, w), "xw", dtype)
 
 
@@ -213,8 +214,9 @@ def test_global_any_strides(spatial, mode):
             assert got.is_contiguous(), f"k {name}, z {name_z}: strides {got.stride()}"  # as documented
     # An expanded kernel (stride 0 over the batch) and expanded activations.
     got = ops.hyperzzw_global(k.expand(3, *k.shape[1:]), z[:1].expand_as(z), x, mode=mode)
-    torch.testing.assert_close(got, ops.hyperzzw_global(k.expand(3, *k.shape[1:]).contiguous(),
-                                                        z[:1].expand_as(z).contiguous(), x, mode=mode))
+    torch.testing.assert_close(
+        got, ops.hyperzzw_global(k.expand(3, *k.shape[1:]).contiguous(), z[:1].expand_as(z).contiguous(), x, mode=mode)
+    )
 
 
 @pytest.mark.parametrize("spatial,kernel", [((7, 6), (3, 4)), ((11,), (5,))])
@@ -364,8 +366,11 @@ def test_global_gradcheck(mode, spatial, form, has_x):
     for seed in range(2):
         k, z, x = global_inputs(2, 2, spatial, form, has_x, torch.float64, seed)
         inputs = [t.requires_grad_() for t in (k, z, x) if t is not None]
-        fn = (lambda k, z, x: ops.hyperzzw_global(k, z, x, mode=mode)) if has_x else (
-            lambda k, z: ops.hyperzzw_global(k, z, mode=mode))
+        fn = (
+            (lambda k, z, x: ops.hyperzzw_global(k, z, x, mode=mode))
+            if has_x
+            else (lambda k, z: ops.hyperzzw_global(k, z, mode=mode))
+        )
         assert torch.autograd.gradcheck(fn, inputs)
 
 
@@ -422,8 +427,12 @@ def test_opcheck(compiled, requires_grad):
 def test_opcheck_backward_ops(compiled):
     k, z, x = global_inputs(2, 3, (4, 4), "1C", True, torch.float32, seed=14)
     for mode in ["dot", "matmul", "conv"]:
-        torch.library.opcheck(torch.ops.terminator.hyperzzw_global_backward.default, (torch.randn_like(z), k, z, x, mode))
-        torch.library.opcheck(torch.ops.terminator.hyperzzw_global_backward.default, (torch.randn_like(z), k, z, None, mode))
+        torch.library.opcheck(
+            torch.ops.terminator.hyperzzw_global_backward.default, (torch.randn_like(z), k, z, x, mode)
+        )
+        torch.library.opcheck(
+            torch.ops.terminator.hyperzzw_global_backward.default, (torch.randn_like(z), k, z, None, mode)
+        )
     x, w = conv_inputs(2, 3, (6, 5), (3, 2), "C", torch.float32, seed=15)
     for algo in ["direct", "fft"]:
         torch.library.opcheck(torch.ops.terminator.hyperkernel_conv_backward.default, (torch.randn_like(x), x, w, algo))
@@ -470,8 +479,7 @@ def test_outputs_past_the_huge_page_threshold(form):
     k, z, x = global_inputs(2, 2, spatial, form, True, torch.float32, seed=7)
     check_against_reference(ours_global("dot"), global_ref("dot"), (k, z, x), "kzx", torch.float32)
     x, w = conv_inputs(2, 2, spatial, (3,), form, torch.float32, seed=8)
-    check_against_reference(ours_conv("direct"), reference.hyperkernel_conv, (x, w), "xw",
-                            torch.float32)
+    check_against_reference(ours_conv("direct"), reference.hyperkernel_conv, (x, w), "xw", torch.float32)
 
 
 # ---- the FFT path in batch chunks -------------------------------------------------

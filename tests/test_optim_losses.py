@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from nn_helpers import single_thread, tiny_input, tiny_model  # noqa: F401 (autouse fixture)
 
-from nn_helpers import single_thread, tiny_model, tiny_input  # noqa: F401 (autouse fixture)
 from terminator.losses import (
     LabelSmoothedCrossEntropy,
     TerminatorLoss,

@@ -27,12 +27,43 @@ from terminator.train import TrainConfig, load_checkpoint, load_config, load_dat
 from terminator.train.config import parse_set  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--set", "model.channels=[1,4]", "--set", "model.factors=[4,2]", "--set", "model.previous=[[],[]]",
-        "--set", "model.global_layers=[1,1]", "--set", "model.dropout=[0,0.05]",
-        "--set", "model.global_hidden=8", "--set", "model.local_hidden=8", "--set", "model.hi_spatial_hidden=8",
-        "--set", "model.gc_hidden=8", "--set", "model.hi_channel_hidden=8",
-        "--set", "limit_train=320", "--set", "limit_test=120", "--set", "val_fraction=0.2",
-        "--set", "plots=false", "--set", "threads=1", "--set", "device=cpu", "--no-progress", "--batch-size", "64"]
+TINY = [
+    "--set",
+    "model.channels=[1,4]",
+    "--set",
+    "model.factors=[4,2]",
+    "--set",
+    "model.previous=[[],[]]",
+    "--set",
+    "model.global_layers=[1,1]",
+    "--set",
+    "model.dropout=[0,0.05]",
+    "--set",
+    "model.global_hidden=8",
+    "--set",
+    "model.local_hidden=8",
+    "--set",
+    "model.hi_spatial_hidden=8",
+    "--set",
+    "model.gc_hidden=8",
+    "--set",
+    "model.hi_channel_hidden=8",
+    "--set",
+    "limit_train=320",
+    "--set",
+    "limit_test=120",
+    "--set",
+    "val_fraction=0.2",
+    "--set",
+    "plots=false",
+    "--set",
+    "threads=1",
+    "--set",
+    "device=cpu",
+    "--no-progress",
+    "--batch-size",
+    "64",
+]
 
 
 def _env():
@@ -42,8 +73,14 @@ def _env():
 
 
 def _cli(*args, timeout=240):
-    return subprocess.run([sys.executable, "-m", "terminator", *args], capture_output=True, text=True,
-                          timeout=timeout, env=_env(), cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "terminator", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
+        cwd=ROOT,
+    )
 
 
 def _last_line(text: str) -> str:
@@ -65,8 +102,25 @@ def test_train_resume_eval_exact(tmp_path, capsys):
     """Two epochs in two sessions (stop after 1, resume) equal two epochs in one session, bit for bit."""
     a, b = tmp_path / "a", tmp_path / "b"
     # run a also logs test accuracy each epoch (track_test): that must not change training
-    assert main(["train", "--dataset", "digits", "--epochs", "2", "--out", str(a), "--set", "stop_after=1",
-                 "--set", "track_test=true", *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "digits",
+                "--epochs",
+                "2",
+                "--out",
+                str(a),
+                "--set",
+                "stop_after=1",
+                "--set",
+                "track_test=true",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     ck = load_checkpoint(a / "last.pt")
     assert ck["epoch"] == 1 and len(ck["history"]) == 1
     assert {"model", "optimizer", "scheduler", "rng", "config", "model_config"} <= set(ck)
@@ -124,8 +178,9 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
 
 
 def test_missing_dataset_message(tmp_path, capsys):
-    assert main(["train", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--out",
-                 str(tmp_path / "run")]) == 2
+    assert (
+        main(["train", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    )
     err = capsys.readouterr().err
     assert "Fashion-MNIST not found" in err and "apt-get install dataset-fashion-mnist" in err
     assert "--data-dir" in err and "train-images-idx3-ubyte.gz" in err
@@ -151,10 +206,15 @@ def test_fashion_idx_variants(tmp_path):
 
 def test_killed_mid_epoch_then_resumed(tmp_path):
     run = tmp_path / "run"
-    args = ["train", "--dataset", "digits", "--epochs", "6", "--out", str(run), *TINY,
-            "--set", "limit_train=640"]
-    proc = subprocess.Popen([sys.executable, "-m", "terminator", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=_env(), cwd=ROOT)
+    args = ["train", "--dataset", "digits", "--epochs", "6", "--out", str(run), *TINY, "--set", "limit_train=640"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "terminator", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+    )
     deadline = time.monotonic() + 180
     try:
         while not (run / "last.pt").exists():  # wait until epoch 1 is saved, then kill during epoch 2
@@ -183,9 +243,29 @@ def test_killed_mid_epoch_then_resumed(tmp_path):
 def test_ddp_two_processes_identical_parameters(tmp_path):
     run = tmp_path / "run"
     r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "terminator",
-         "train", "--dataset", "digits", "--epochs", "1", "--out", str(run), *TINY],
-        capture_output=True, text=True, timeout=240, env=_env(), cwd=ROOT)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "terminator",
+            "train",
+            "--dataset",
+            "digits",
+            "--epochs",
+            "1",
+            "--out",
+            str(run),
+            *TINY,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=_env(),
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((run / "results.json").read_text())
     assert res["world_size"] == 2
@@ -216,8 +296,9 @@ def test_plots_write_pngs(tmp_path, shape):
     plot_kernels(model, tmp_path / "kernels.png")
     plot_scores(model, torch.randn(3, *shape), torch.tensor([0, 1, 2]), tmp_path / "scores.png")
     write_csv_atomic(tmp_path / "metrics.csv", history, METRIC_FIELDS)
-    plot_time_to_accuracy({"a": tmp_path / "metrics.csv", "b": tmp_path / "metrics.csv"}, tmp_path / "tta.png",
-                          targets=(0.935,))
+    plot_time_to_accuracy(
+        {"a": tmp_path / "metrics.csv", "b": tmp_path / "metrics.csv"}, tmp_path / "tta.png", targets=(0.935,)
+    )
     for name in ("curves.png", "kernels.png", "scores.png", "tta.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -1,14 +1,15 @@
 // hyperkernel_conv, algo="direct", forward: depthwise "same" cross-correlation of each
 // plane with its kernel, shared or per sample (the tiles are in conv_direct.h).
-#include "../common.h"
 #include "conv_direct.h"
-#include "kernels.h"
-#include "parallel.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <vector>
+
+#include "../common.h"
+#include "kernels.h"
+#include "parallel.h"
 
 namespace terminator {
 namespace cpu {

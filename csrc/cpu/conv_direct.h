@@ -5,13 +5,13 @@
 // registers, over every kernel tap.
 #pragma once
 
-#include "vec.h"
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
+
+#include "vec.h"
 
 namespace terminator {
 namespace cpu {
@@ -169,13 +169,20 @@ void correlate_padded(const acc_t* p, int64_t stride, const acc_t* w, int64_t Kh
     for (int64_t v = 0; v < vectors; v += 8) {
       decltype(&correlate_tile<1, 1, scalar_t, acc_t>) tile = nullptr;
       switch (std::min<int64_t>(8, vectors - v)) {
-#define TERMINATOR_ROW_CASE(N) \
-  case N:                      \
+#define TERMINATOR_ROW_CASE(N)                    \
+  case N:                                         \
     tile = correlate_tile<1, N, scalar_t, acc_t>; \
     break;
-        TERMINATOR_ROW_CASE(1) TERMINATOR_ROW_CASE(2) TERMINATOR_ROW_CASE(3)
-        TERMINATOR_ROW_CASE(4) TERMINATOR_ROW_CASE(5) TERMINATOR_ROW_CASE(6)
-        TERMINATOR_ROW_CASE(7) TERMINATOR_ROW_CASE(8)
+        // clang-format off
+        TERMINATOR_ROW_CASE(1)
+        TERMINATOR_ROW_CASE(2)
+        TERMINATOR_ROW_CASE(3)
+        TERMINATOR_ROW_CASE(4)
+        TERMINATOR_ROW_CASE(5)
+        TERMINATOR_ROW_CASE(6)
+        TERMINATOR_ROW_CASE(7)
+        TERMINATOR_ROW_CASE(8)
+        // clang-format on
 #undef TERMINATOR_ROW_CASE
       }
       tile(p, stride, w, Kh, Kw, i, v * L, W, out, nullptr, 0, nullptr);

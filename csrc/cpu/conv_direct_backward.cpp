@@ -1,11 +1,5 @@
 // hyperkernel_conv, algo="direct", backward: the input and weight gradients of the
 // depthwise "same" cross-correlation, for shared and per-sample kernels.
-#include "../common.h"
-#include "conv_direct.h"
-#include "kernels.h"
-#include "parallel.h"
-#include "vec.h"
-
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
@@ -14,6 +8,12 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#include "../common.h"
+#include "conv_direct.h"
+#include "kernels.h"
+#include "parallel.h"
+#include "vec.h"
 
 namespace terminator {
 namespace cpu {
@@ -99,15 +99,22 @@ void weight_grad_tap_run(const acc_t* g, int64_t g_stride, const acc_t* p, int64
     const acc_t* pr = p + qi0 * stride;
     acc_t* out = gw + qi0 * gw_stride;
     switch (rows) {
-#define TERMINATOR_ROWS_CASE(N)                                                           \
-  case N:                                                                                 \
-    if constexpr (N <= kMaxRows) {                                                        \
+#define TERMINATOR_ROWS_CASE(N)                                                         \
+  case N:                                                                               \
+    if constexpr (N <= kMaxRows) {                                                      \
       weight_grad_taps<N, KW, MaskTail>(g, g_stride, pr, stride, H, W, out, gw_stride); \
-    }                                                                                     \
+    }                                                                                   \
     break;
-      TERMINATOR_ROWS_CASE(1) TERMINATOR_ROWS_CASE(2) TERMINATOR_ROWS_CASE(3)
-      TERMINATOR_ROWS_CASE(4) TERMINATOR_ROWS_CASE(5) TERMINATOR_ROWS_CASE(6)
-      TERMINATOR_ROWS_CASE(7) TERMINATOR_ROWS_CASE(8)
+      // clang-format off
+      TERMINATOR_ROWS_CASE(1)
+      TERMINATOR_ROWS_CASE(2)
+      TERMINATOR_ROWS_CASE(3)
+      TERMINATOR_ROWS_CASE(4)
+      TERMINATOR_ROWS_CASE(5)
+      TERMINATOR_ROWS_CASE(6)
+      TERMINATOR_ROWS_CASE(7)
+      TERMINATOR_ROWS_CASE(8)
+      // clang-format on
 #undef TERMINATOR_ROWS_CASE
     }
     qi0 += rows;
@@ -122,13 +129,21 @@ void weight_grad_padded(const acc_t* g, int64_t g_stride, const acc_t* p, int64_
   for (int64_t q0 = 0; q0 < Kw;) {
     const int64_t n = Kw - q0 > kMaxTapRun ? kMaxTapRun - 1 : Kw - q0;
     switch (n) {
-#define TERMINATOR_TAPS_CASE(N)                                                              \
-  case N:                                                                                    \
+#define TERMINATOR_TAPS_CASE(N)                                                           \
+  case N:                                                                                 \
     weight_grad_tap_run<N, MaskTail>(g, g_stride, p + q0, stride, Kh, H, W, gw + q0, Kw); \
     break;
-      TERMINATOR_TAPS_CASE(1) TERMINATOR_TAPS_CASE(2) TERMINATOR_TAPS_CASE(3)
-      TERMINATOR_TAPS_CASE(4) TERMINATOR_TAPS_CASE(5) TERMINATOR_TAPS_CASE(6)
-      TERMINATOR_TAPS_CASE(7) TERMINATOR_TAPS_CASE(8) TERMINATOR_TAPS_CASE(9)
+      // clang-format off
+      TERMINATOR_TAPS_CASE(1)
+      TERMINATOR_TAPS_CASE(2)
+      TERMINATOR_TAPS_CASE(3)
+      TERMINATOR_TAPS_CASE(4)
+      TERMINATOR_TAPS_CASE(5)
+      TERMINATOR_TAPS_CASE(6)
+      TERMINATOR_TAPS_CASE(7)
+      TERMINATOR_TAPS_CASE(8)
+      TERMINATOR_TAPS_CASE(9)
+      // clang-format on
 #undef TERMINATOR_TAPS_CASE
     }
     q0 += n;
@@ -170,10 +185,9 @@ constexpr int kFusedRowVectors = kVectorRegisters >= 32 ? 4 : 2;
 // the flipped kernel). p: grad_y padded for the flipped kernel; x: rows x_stride apart,
 // zero from W on. Not inlined: inside the caller's loop GCC spilled the sums.
 template <int KH, int KW, typename scalar_t, typename acc_t>
-__attribute__((noinline)) void backward_plane_fused(const acc_t* p, int64_t stride,
-                                                    const acc_t* w, const acc_t* x,
-                                                    int64_t x_stride, int64_t H, int64_t W,
-                                                    scalar_t* out, acc_t* sums) {
+__attribute__((noinline)) void backward_plane_fused(const acc_t* p, int64_t stride, const acc_t* w,
+                                                    const acc_t* x, int64_t x_stride, int64_t H,
+                                                    int64_t W, scalar_t* out, acc_t* sums) {
   using V = typename Vec<acc_t>::type;
   constexpr int64_t L = kLanes<acc_t>;
   // A kernel of one row shares no loads between rows: tiles of one row, wider.
@@ -220,11 +234,16 @@ bool with_one_pass_size(int64_t Kh, int64_t Kw, const Fn& fn) {
   if (Kh == 3 && Kw == 3) return call_with_size<3, 3>(fn);
   if (Kh != 1) return false;
   switch (Kw) {
-    case 3: return call_with_size<1, 3>(fn);
-    case 5: return call_with_size<1, 5>(fn);
-    case 7: return call_with_size<1, 7>(fn);
-    case 9: return call_with_size<1, 9>(fn);
-    default: return false;
+    case 3:
+      return call_with_size<1, 3>(fn);
+    case 5:
+      return call_with_size<1, 5>(fn);
+    case 7:
+      return call_with_size<1, 7>(fn);
+    case 9:
+      return call_with_size<1, 9>(fn);
+    default:
+      return false;
   }
 }
 
@@ -244,7 +263,10 @@ struct BackwardGeometry {
 BackwardGeometry backward_geometry(const at::Tensor& x, const at::Tensor& w) {
   const int64_t H = x.size(2), W = x.size(3), Kh = w.size(2), Kw = w.size(3);
   const int64_t ph = same_pad_before(Kh), pw = same_pad_before(Kw);
-  return {H, W, Kh, Kw,
+  return {H,
+          W,
+          Kh,
+          Kw,
           padded_for(H, W, Kh, Kw, Kh - 1 - ph, Kw - 1 - pw),
           padded_for(H, W, Kh, Kw, ph, pw),
           PaddedPlane{H, round_up(W, kBlock), 0, 0},
@@ -283,7 +305,8 @@ template <typename acc_t>
 struct BackwardBuffers {
   std::vector<acc_t> g_pad, x_pad, x_rows;
   explicit BackwardBuffers(const BackwardGeometry& geo)
-      : g_pad(padded_buffer<acc_t>(geo.g)), x_pad(padded_buffer<acc_t>(geo.x)),
+      : g_pad(padded_buffer<acc_t>(geo.g)),
+        x_pad(padded_buffer<acc_t>(geo.x)),
         x_rows(geo.fused ? padded_buffer<acc_t>(geo.x_rows) : std::vector<acc_t>()) {}
 };
 
@@ -300,8 +323,8 @@ void backward_plane(const scalar_t* gy, const scalar_t* x, const acc_t* kernel, 
     copy_into_padded(x, H, W, geo.x_rows, buf.x_rows.data());
     with_one_pass_size(Kh, Kw, [&](auto kh, auto kw) {
       backward_plane_fused<decltype(kh)::value, decltype(kw)::value>(
-          buf.g_pad.data(), geo.g.stride, kernel, buf.x_rows.data(), geo.x_rows.stride, H, W,
-          gx, sums);
+          buf.g_pad.data(), geo.g.stride, kernel, buf.x_rows.data(), geo.x_rows.stride, H, W, gx,
+          sums);
     });
     // Every inf or NaN in x or grad_y makes some of these sums non-finite; the padding
     // then needs the reading of weight_grad_plane (NUMERICS.md).

@@ -1,9 +1,9 @@
 // algo="auto": whether the FFT path beats the direct kernel on the CPU (prefer_fft).
-#include "../common.h"
-#include "kernels.h"
-
 #include <cmath>
 #include <cstdint>
+
+#include "../common.h"
+#include "kernels.h"
 
 namespace terminator {
 namespace cpu {

@@ -1,13 +1,13 @@
 // hyperzzw_global, mode="dot": y = k ⊙ z ⊙ x, elementwise, and its gradients.
-#include "kernels.h"
-#include "parallel.h"
-#include "vec.h"
-
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <vector>
+
+#include "kernels.h"
+#include "parallel.h"
+#include "vec.h"
 
 namespace terminator {
 namespace cpu {
@@ -36,10 +36,10 @@ void dot_forward_segment(int64_t n, const scalar_t* __restrict__ k, const scalar
 // dx = gy k z; with x = z (HasX false), dz = 2 gy k z. `dk` receives (Accumulate)
 // or is overwritten with gy z x.
 template <bool HasX, bool Accumulate, typename scalar_t, typename acc_t>
-void dot_backward_segment(int64_t n, const scalar_t* __restrict__ gy, const scalar_t* __restrict__ k,
-                          const scalar_t* __restrict__ z, const scalar_t* __restrict__ x,
-                          acc_t* __restrict__ dk, scalar_t* __restrict__ gz,
-                          scalar_t* __restrict__ gx) {
+void dot_backward_segment(int64_t n, const scalar_t* __restrict__ gy,
+                          const scalar_t* __restrict__ k, const scalar_t* __restrict__ z,
+                          const scalar_t* __restrict__ x, acc_t* __restrict__ dk,
+                          scalar_t* __restrict__ gz, scalar_t* __restrict__ gx) {
   int64_t j = 0;
   if constexpr (kVectorConversion<scalar_t>) {  // the same sums, a Vec at a time
     using V = Vec<float>::type;
@@ -87,23 +87,26 @@ void global_dot_backward_impl(const at::Tensor& gy, const at::Tensor& k, const a
   // Per-sample k: row pieces of the flat (B, CN) range; shared k: column chunks,
   // each summing its batch in order b = 0..B-1 (deterministic for any threads).
   const int64_t rows = shared ? 1 : B;
-  at::parallel_for(0, rows * CN, shared ? grain_for(B) : kGrainWork, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(kColumnChunk);
-    for_each_row_piece(begin, end, CN, [&](int64_t row, int64_t c0, int64_t c1) {
-      for (int64_t s0 = c0; s0 < c1; s0 += kColumnChunk) {
-        const int64_t n = std::min(kColumnChunk, c1 - s0);
-        const int64_t k_off = row * CN + s0;
-        for (int64_t b = shared ? 0 : row; b < (shared ? B : row + 1); ++b) {
-          const int64_t o = b * CN + s0;
-          auto segment = b == (shared ? 0 : row) ? dot_backward_segment<HasX, false, scalar_t, acc_t>
-                                                 : dot_backward_segment<HasX, true, scalar_t, acc_t>;
-          segment(n, gyp + o, kp + k_off, zp + o, HasX ? xp + o : nullptr, acc.data(), gzp + o,
-                  HasX ? gxp + o : nullptr);
-        }
-        for (int64_t j = 0; j < n; ++j) gkp[k_off + j] = static_cast<scalar_t>(acc[j]);
-      }
-    });
-  });
+  at::parallel_for(0, rows * CN, shared ? grain_for(B) : kGrainWork,
+                   [&](int64_t begin, int64_t end) {
+                     std::vector<acc_t> acc(kColumnChunk);
+                     for_each_row_piece(begin, end, CN, [&](int64_t row, int64_t c0, int64_t c1) {
+                       for (int64_t s0 = c0; s0 < c1; s0 += kColumnChunk) {
+                         const int64_t n = std::min(kColumnChunk, c1 - s0);
+                         const int64_t k_off = row * CN + s0;
+                         for (int64_t b = shared ? 0 : row; b < (shared ? B : row + 1); ++b) {
+                           const int64_t o = b * CN + s0;
+                           auto segment = b == (shared ? 0 : row)
+                                              ? dot_backward_segment<HasX, false, scalar_t, acc_t>
+                                              : dot_backward_segment<HasX, true, scalar_t, acc_t>;
+                           segment(n, gyp + o, kp + k_off, zp + o, HasX ? xp + o : nullptr,
+                                   acc.data(), gzp + o, HasX ? gxp + o : nullptr);
+                         }
+                         for (int64_t j = 0; j < n; ++j)
+                           gkp[k_off + j] = static_cast<scalar_t>(acc[j]);
+                       }
+                     });
+                   });
 }
 
 }  // namespace

@@ -3,16 +3,16 @@
 // formed while copying and the gradients' elementwise products done while storing: one pass
 // over each tensor where ATen's path (matmul_aten.h, used beyond) makes a pass per product
 // and GEMM.
-#include "../matmul_aten.h"
-#include "kernels.h"
-#include "parallel.h"
-#include "vec.h"
-
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <vector>
+
+#include "../matmul_aten.h"
+#include "kernels.h"
+#include "parallel.h"
+#include "vec.h"
 
 namespace terminator {
 namespace cpu {
@@ -78,15 +78,18 @@ constexpr int64_t kGemmMaxRows = std::min<int64_t>(8, (kVectorRegisters - 3) / 2
 // Rows [i, i + rows) (1 ≤ rows ≤ kGemmMaxRows) of c = A · b, vectors [v, v + 2) (or just
 // v, for the last vector of a row with an odd count).
 template <typename acc_t>
-void gemm_rows(const acc_t* a, int64_t a_row, int64_t a_col, const acc_t* b, int64_t S,
-               int64_t i, int64_t rows, int64_t v, bool pair, acc_t* c) {
+void gemm_rows(const acc_t* a, int64_t a_row, int64_t a_col, const acc_t* b, int64_t S, int64_t i,
+               int64_t rows, int64_t v, bool pair, acc_t* c) {
   constexpr int64_t L = kLanes<acc_t>;
-  using Tile = void (*)(const acc_t*, int64_t, int64_t, const acc_t*, int64_t, int64_t, int64_t, acc_t*);
-  static constexpr Tile pairs[8] = {gemm_tile<1, 2, acc_t>, gemm_tile<2, 2, acc_t>, gemm_tile<3, 2, acc_t>,
-                                    gemm_tile<4, 2, acc_t>, gemm_tile<5, 2, acc_t>, gemm_tile<6, 2, acc_t>,
+  using Tile =
+      void (*)(const acc_t*, int64_t, int64_t, const acc_t*, int64_t, int64_t, int64_t, acc_t*);
+  static constexpr Tile pairs[8] = {gemm_tile<1, 2, acc_t>, gemm_tile<2, 2, acc_t>,
+                                    gemm_tile<3, 2, acc_t>, gemm_tile<4, 2, acc_t>,
+                                    gemm_tile<5, 2, acc_t>, gemm_tile<6, 2, acc_t>,
                                     gemm_tile<7, 2, acc_t>, gemm_tile<8, 2, acc_t>};
-  static constexpr Tile singles[8] = {gemm_tile<1, 1, acc_t>, gemm_tile<2, 1, acc_t>, gemm_tile<3, 1, acc_t>,
-                                      gemm_tile<4, 1, acc_t>, gemm_tile<5, 1, acc_t>, gemm_tile<6, 1, acc_t>,
+  static constexpr Tile singles[8] = {gemm_tile<1, 1, acc_t>, gemm_tile<2, 1, acc_t>,
+                                      gemm_tile<3, 1, acc_t>, gemm_tile<4, 1, acc_t>,
+                                      gemm_tile<5, 1, acc_t>, gemm_tile<6, 1, acc_t>,
                                       gemm_tile<7, 1, acc_t>, gemm_tile<8, 1, acc_t>};
   (pair ? pairs : singles)[rows - 1](a, a_row, a_col, b, S, i, v * L, c);
 }
@@ -258,43 +261,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_matmul_backward(const at::
     const BatchChunks chunks = shared ? shared_batch_chunks(B, C) : BatchChunks{1, 1};
     const int64_t kernels = shared ? C : B * C;
     std::vector<acc_t> partial(chunks.count > 1 ? kernels * chunks.count * N : 0);
-    at::parallel_for(0, kernels * chunks.count, grain_for(chunks.size * N * S), [&](int64_t t0, int64_t t1) {
-      SquarePlane<acc_t> w_hat(S), u_t(S), g(S), g_what(S), g_u(S), g_k(S);
-      for (int64_t task = t0; task < t1; ++task) {
-        const int64_t kk = task / chunks.count, chunk = task % chunks.count;
-        const int64_t b0 = chunk * chunks.size;
-        const int64_t b1 = shared ? std::min(B, b0 + chunks.size) : 1;
-        const scalar_t* __restrict__ k_plane = kp + kk * N;
-        std::fill(g_k.data.begin(), g_k.data.end(), acc_t(0));
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t p = shared ? b * C + kk : kk;
-          const scalar_t* __restrict__ z_plane = zp + p * N;
-          // The next plane this thread visits: the next sample's for a shared k, else the
-          // next task's (the next in memory).
-          const int64_t next_plane =
-              shared ? (b + 1 < b1 ? p + C : -1) : (task + 1 < t1 ? p + 1 : -1);
-          if (next_plane >= 0) {
-            const int64_t next = next_plane * N;
-            for (const scalar_t* t : {zp, up, gyp}) prefetch(t + next, N);
-            prefetch</*ForWrite=*/true>(gzp + next, N);
-            if (gxp != nullptr) prefetch</*ForWrite=*/true>(gxp + next, N);
-          }
-          load_product(k_plane, z_plane, w_hat);
-          load_transposed(up + p * N, u_t);
-          load_plane(gyp + p * N, g);
-          gemm_plane(g.row(0), S, int64_t(1), u_t, g_what);  // gy · uᵀ
-          gemm_plane(w_hat.row(0), int64_t(1), S, g, g_u);  // Ŵᵀ · gy
-          plane_grads(N, g_what.row(0), x.defined() ? nullptr : g_u.row(0), z_plane, k_plane,
-                      g_k.row(0), gzp + p * N);
-          if (x.defined()) store_plane(g_u, gxp + p * N);
-        }
-        if (chunks.count == 1) {
-          store_plane(g_k, gkp + kk * N);
-        } else {
-          std::copy(g_k.row(0), g_k.row(0) + N, partial.data() + task * N);
-        }
-      }
-    });
+    at::parallel_for(0, kernels * chunks.count, grain_for(chunks.size * N * S),
+                     [&](int64_t t0, int64_t t1) {
+                       SquarePlane<acc_t> w_hat(S), u_t(S), g(S), g_what(S), g_u(S), g_k(S);
+                       for (int64_t task = t0; task < t1; ++task) {
+                         const int64_t kk = task / chunks.count, chunk = task % chunks.count;
+                         const int64_t b0 = chunk * chunks.size;
+                         const int64_t b1 = shared ? std::min(B, b0 + chunks.size) : 1;
+                         const scalar_t* __restrict__ k_plane = kp + kk * N;
+                         std::fill(g_k.data.begin(), g_k.data.end(), acc_t(0));
+                         for (int64_t b = b0; b < b1; ++b) {
+                           const int64_t p = shared ? b * C + kk : kk;
+                           const scalar_t* __restrict__ z_plane = zp + p * N;
+                           // The next plane this thread visits: the next sample's for a shared k,
+                           // else the next task's (the next in memory).
+                           const int64_t next_plane =
+                               shared ? (b + 1 < b1 ? p + C : -1) : (task + 1 < t1 ? p + 1 : -1);
+                           if (next_plane >= 0) {
+                             const int64_t next = next_plane * N;
+                             for (const scalar_t* t : {zp, up, gyp}) prefetch(t + next, N);
+                             prefetch</*ForWrite=*/true>(gzp + next, N);
+                             if (gxp != nullptr) prefetch</*ForWrite=*/true>(gxp + next, N);
+                           }
+                           load_product(k_plane, z_plane, w_hat);
+                           load_transposed(up + p * N, u_t);
+                           load_plane(gyp + p * N, g);
+                           gemm_plane(g.row(0), S, int64_t(1), u_t, g_what);  // gy · uᵀ
+                           gemm_plane(w_hat.row(0), int64_t(1), S, g, g_u);   // Ŵᵀ · gy
+                           plane_grads(N, g_what.row(0), x.defined() ? nullptr : g_u.row(0),
+                                       z_plane, k_plane, g_k.row(0), gzp + p * N);
+                           if (x.defined()) store_plane(g_u, gxp + p * N);
+                         }
+                         if (chunks.count == 1) {
+                           store_plane(g_k, gkp + kk * N);
+                         } else {
+                           std::copy(g_k.row(0), g_k.row(0) + N, partial.data() + task * N);
+                         }
+                       }
+                     });
     if (chunks.count > 1) sum_chunks(partial.data(), kernels, chunks.count, N, gkp);
   });
   return {gk, gz, gx};

@@ -1,5 +1,6 @@
 // Hyper interaction and hyper-channel interaction: x gated by scores of a high-level y,
-//   out = x ⊙ sigmoid(s_c ⊙ s_s),  s_c[c] = k_c[c]·mean_n(y[c])²,  s_s[n] = k_s[n]·mean_c(y[:, n])²,
+//   out = x ⊙ sigmoid(s_c ⊙ s_s),  s_c[c] = k_c[c]·mean_n(y[c])²,  s_s[n] = k_s[n]·mean_c(y[:,
+//   n])²,
 // with s_s = 1 when there is no k_s (hyper-channel interaction). One sample at a time.
 #include "layer_math.h"
 #include "layers.h"
@@ -10,7 +11,8 @@ namespace {
 
 // The scores of one sample y (C, N): s_c (C) and, with k_s, s_s (N); the means y_c, y_s too.
 template <typename T>
-void scores(const T* y, int64_t C, int64_t N, const T* kc, const T* ks, T* yc, T* sc, T* ys, T* ss) {
+void scores(const T* y, int64_t C, int64_t N, const T* kc, const T* ks, T* yc, T* sc, T* ys,
+            T* ss) {
   for (int64_t c = 0; c < C; ++c) {
     const T* r = y + c * N;
     T s = 0;
@@ -34,8 +36,8 @@ void scores(const T* y, int64_t C, int64_t N, const T* kc, const T* ks, T* yc, T
 }
 
 template <typename T>
-void forward_impl(const at::Tensor& y_, const at::Tensor& x_, const at::Tensor& kc_, const at::Tensor& ks_,
-                  at::Tensor& out_) {
+void forward_impl(const at::Tensor& y_, const at::Tensor& x_, const at::Tensor& kc_,
+                  const at::Tensor& ks_, at::Tensor& out_) {
   const int64_t B = y_.size(0), C = y_.size(1), N = y_.numel() / std::max<int64_t>(1, B * C);
   const T *y = y_.data_ptr<T>(), *x = x_.data_ptr<T>(), *kc = kc_.data_ptr<T>();
   const T* ks = ks_.defined() ? ks_.data_ptr<T>() : nullptr;
@@ -60,7 +62,8 @@ void backward_impl(const at::Tensor& g_, const at::Tensor& y_, const at::Tensor&
                    const at::Tensor& kc_, const at::Tensor& ks_, at::Tensor& gy_, at::Tensor& gx_,
                    at::Tensor& gkc_, at::Tensor& gks_) {
   const int64_t B = y_.size(0), C = y_.size(1), N = y_.numel() / std::max<int64_t>(1, B * C);
-  const T *g = g_.data_ptr<T>(), *y = y_.data_ptr<T>(), *x = x_.data_ptr<T>(), *kc = kc_.data_ptr<T>();
+  const T *g = g_.data_ptr<T>(), *y = y_.data_ptr<T>(), *x = x_.data_ptr<T>(),
+          *kc = kc_.data_ptr<T>();
   const T* ks = ks_.defined() ? ks_.data_ptr<T>() : nullptr;
   T* gy = gy_.data_ptr<T>();
   T* gx = x_is_y ? nullptr : gx_.data_ptr<T>();
@@ -126,17 +129,19 @@ void backward_impl(const at::Tensor& g_, const at::Tensor& y_, const at::Tensor&
 }
 
 // y, x (B, C, *S); k_c (1, C); k_s (1, *S) or undefined.
-void check_args(const at::Tensor& y, const at::Tensor& x, const at::Tensor& kc, const at::Tensor& ks) {
+void check_args(const at::Tensor& y, const at::Tensor& x, const at::Tensor& kc,
+                const at::Tensor& ks) {
   check_layer_activation(y, "y");
   if (x.defined()) check_like(x, "x", y, "y");
   check_dtype_device(kc, "k_c", y, "y");
-  TORCH_CHECK_VALUE(kc.dim() == 2 && kc.size(0) == 1 && kc.size(1) == y.size(1), "k_c must have shape (1, ",
-                    y.size(1), "), got ", shape_str(kc.sizes()));
+  TORCH_CHECK_VALUE(kc.dim() == 2 && kc.size(0) == 1 && kc.size(1) == y.size(1),
+                    "k_c must have shape (1, ", y.size(1), "), got ", shape_str(kc.sizes()));
   if (ks.defined()) {
     check_dtype_device(ks, "k_s", y, "y");
-    TORCH_CHECK_VALUE(ks.dim() == y.dim() - 1 && ks.size(0) == 1 && ks.sizes().slice(1) == y.sizes().slice(2),
-                      "k_s must have shape (1, *S) with S = ", shape_str(y.sizes().slice(2)), ", got ",
-                      shape_str(ks.sizes()));
+    TORCH_CHECK_VALUE(
+        ks.dim() == y.dim() - 1 && ks.size(0) == 1 && ks.sizes().slice(1) == y.sizes().slice(2),
+        "k_s must have shape (1, *S) with S = ", shape_str(y.sizes().slice(2)), ", got ",
+        shape_str(ks.sizes()));
   }
 }
 
@@ -146,8 +151,8 @@ at::Tensor opt(const std::optional<at::Tensor>& t) {
 
 }  // namespace
 
-at::Tensor hyper_interaction(const at::Tensor& y_, const std::optional<at::Tensor>& x_, const at::Tensor& kc_,
-                             const std::optional<at::Tensor>& ks_) {
+at::Tensor hyper_interaction(const at::Tensor& y_, const std::optional<at::Tensor>& x_,
+                             const at::Tensor& kc_, const std::optional<at::Tensor>& ks_) {
   const auto x0 = opt(x_), ks = opt(ks_);
   check_args(y_, x0, kc_, ks);
   const auto y = y_.contiguous();
@@ -160,7 +165,8 @@ at::Tensor hyper_interaction(const at::Tensor& y_, const std::optional<at::Tenso
 }
 
 std::vector<at::Tensor> hyper_interaction_backward(const at::Tensor& grad_, const at::Tensor& y_,
-                                                   const std::optional<at::Tensor>& x_, const at::Tensor& kc_,
+                                                   const std::optional<at::Tensor>& x_,
+                                                   const at::Tensor& kc_,
                                                    const std::optional<at::Tensor>& ks_) {
   const auto x0 = opt(x_), ks = opt(ks_);
   check_args(y_, x0, kc_, ks);
@@ -174,8 +180,9 @@ std::vector<at::Tensor> hyper_interaction_backward(const at::Tensor& grad_, cons
   auto gx = x_is_y ? at::empty({0}, y.options()) : at::empty_like(x, at::MemoryFormat::Contiguous);
   auto gkc = at::empty_like(kc);
   auto gks = ks.defined() ? at::empty_like(ks) : at::empty({0}, y.options());
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "hyper_interaction_backward",
-                             [&] { backward_impl<scalar_t>(grad, y, x, x_is_y, kc, ks, gy, gx, gkc, gks); });
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "hyper_interaction_backward", [&] {
+    backward_impl<scalar_t>(grad, y, x, x_is_y, kc, ks, gy, gx, gkc, gks);
+  });
   return {gy, gx, gkc, gks};
 }
 

@@ -4,9 +4,6 @@
 // Planes are row-major (rows, N). float and double only.
 #pragma once
 
-#include "../common.h"
-#include "vec.h"
-
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -16,6 +13,9 @@
 #include <cstring>
 #include <vector>
 
+#include "../common.h"
+#include "vec.h"
+
 namespace terminator {
 namespace cpu {
 
@@ -24,23 +24,27 @@ namespace cpu {
 inline void check_dtype_device(const at::Tensor& t, const char* name, const at::Tensor& ref,
                                const char* ref_name) {
   check_defined(t, name);
-  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on the same device as ", ref_name, " (",
-                    ref.device(), "), got ", t.device());
-  TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), name, " must have the same dtype as ", ref_name,
-                    " (", dtype_str(ref.scalar_type()), "), got ", dtype_str(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on the same device as ", ref_name,
+                    " (", ref.device(), "), got ", t.device());
+  TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), name, " must have the same dtype as ",
+                    ref_name, " (", dtype_str(ref.scalar_type()), "), got ",
+                    dtype_str(t.scalar_type()));
 }
 
 // (B, C, *S) with at least one spatial dim, float32 or float64 (other dtypes run the
 // layers' reference compositions).
 inline void check_layer_activation(const at::Tensor& t, const char* name) {
   check_defined(t, name);
-  TORCH_CHECK_VALUE(t.dim() >= 3, name, " must have shape (B, C, *S) with at least one spatial dim, got ",
+  TORCH_CHECK_VALUE(t.dim() >= 3, name,
+                    " must have shape (B, C, *S) with at least one spatial dim, got ",
                     shape_str(t.sizes()));
   TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
-                    " must be float32 or float64 for the fused layer kernels, got ", dtype_str(t.scalar_type()));
+                    " must be float32 or float64 for the fused layer kernels, got ",
+                    dtype_str(t.scalar_type()));
 }
 
-inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                       const char* ref_name) {
   check_dtype_device(t, name, ref, ref_name);
   TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), name, " must have the shape of ", ref_name, " ",
                     shape_str(ref.sizes()), ", got ", shape_str(t.sizes()));
@@ -118,8 +122,11 @@ struct Simd {
 // Columns [n, n + V·lanes) of y rows [o, o + R) from x with row stride ldx (R ≤ 4, V ≤ 2):
 // the register tile of mix.
 template <typename T, int R, int V>
-__attribute__((always_inline)) inline void mix_tile(const T* __restrict__ w, int64_t ldw, const T* __restrict__ b, const T* __restrict__ x,
-                     int64_t ldx, int64_t cin, T* __restrict__ y, int64_t ldy, bool accumulate) {
+__attribute__((always_inline)) inline void mix_tile(const T* __restrict__ w, int64_t ldw,
+                                                    const T* __restrict__ b,
+                                                    const T* __restrict__ x, int64_t ldx,
+                                                    int64_t cin, T* __restrict__ y, int64_t ldy,
+                                                    bool accumulate) {
   using S = Simd<T>;
   using Vt = typename S::type;
   constexpr int64_t L = S::kLanes;
@@ -144,13 +151,17 @@ __attribute__((always_inline)) inline void mix_tile(const T* __restrict__ w, int
 
 // Rows [o, cout) of a column block, in tiles of 4 rows, then the leftover rows one by one.
 template <typename T, int V>
-__attribute__((always_inline)) inline void mix_columns(const T* w, int64_t ldw, const T* b, const T* x, int64_t ldx, int64_t cin, int64_t cout,
-                        T* y, int64_t ldy, bool accumulate) {
+__attribute__((always_inline)) inline void mix_columns(const T* w, int64_t ldw, const T* b,
+                                                       const T* x, int64_t ldx, int64_t cin,
+                                                       int64_t cout, T* y, int64_t ldy,
+                                                       bool accumulate) {
   int64_t o = 0;
   for (; o + 4 <= cout; o += 4)
-    mix_tile<T, 4, V>(w + o * ldw, ldw, b ? b + o : nullptr, x, ldx, cin, y + o * ldy, ldy, accumulate);
+    mix_tile<T, 4, V>(w + o * ldw, ldw, b ? b + o : nullptr, x, ldx, cin, y + o * ldy, ldy,
+                      accumulate);
   for (; o < cout; ++o)
-    mix_tile<T, 1, V>(w + o * ldw, ldw, b ? b + o : nullptr, x, ldx, cin, y + o * ldy, ldy, accumulate);
+    mix_tile<T, 1, V>(w + o * ldw, ldw, b ? b + o : nullptr, x, ldx, cin, y + o * ldy, ldy,
+                      accumulate);
 }
 
 // y (Cout, N) = w (Cout, Cin) · x (Cin, N) [+ b (Cout)]; with accumulate, y += w·x [+ b].
@@ -165,7 +176,8 @@ inline bool use_blas(int64_t cin, int64_t cout, int64_t N) {
 }
 
 template <typename T>
-at::Tensor matrix_view(const T* p, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride = 1) {
+at::Tensor matrix_view(const T* p, int64_t rows, int64_t cols, int64_t row_stride,
+                       int64_t col_stride = 1) {
   return at::from_blob(const_cast<T*>(p), {rows, cols}, {row_stride, col_stride},
                        at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
 }
@@ -179,8 +191,10 @@ void mix(const T* __restrict__ w, const T* __restrict__ b, const T* __restrict__
     const auto W = matrix_view(w, cout, cin, ldw), X = matrix_view(x, cin, N, N);
     if (b) {
       const auto bias = matrix_view(b, cout, N, 1, 0);
-      if (accumulate) Y.add_(bias);
-      else Y.copy_(bias);
+      if (accumulate)
+        Y.add_(bias);
+      else
+        Y.copy_(bias);
       Y.addmm_(W, X);
     } else if (accumulate) {
       Y.addmm_(W, X);
@@ -191,8 +205,10 @@ void mix(const T* __restrict__ w, const T* __restrict__ b, const T* __restrict__
   }
   constexpr int64_t L = Simd<T>::kLanes;
   int64_t n = 0;
-  for (; n + 2 * L <= N; n += 2 * L) mix_columns<T, 2>(w, ldw, b, x + n, N, cin, cout, y + n, N, accumulate);
-  for (; n + L <= N; n += L) mix_columns<T, 1>(w, ldw, b, x + n, N, cin, cout, y + n, N, accumulate);
+  for (; n + 2 * L <= N; n += 2 * L)
+    mix_columns<T, 2>(w, ldw, b, x + n, N, cin, cout, y + n, N, accumulate);
+  for (; n + L <= N; n += L)
+    mix_columns<T, 1>(w, ldw, b, x + n, N, cin, cout, y + n, N, accumulate);
   const int64_t rest = N - n;
   if (rest == 0) return;
   thread_local std::vector<T> xt, yt;  // reused: this runs once per call of mix
@@ -215,8 +231,9 @@ inline T lane_sum(typename Simd<T>::type v) {
 
 // gw[o0..o0+R, i0..i0+Q] += Σ_n gy[o, n]·x[i, n]: R·Q sums in vectors over n, then the tail.
 template <typename T, int R, int Q>
-__attribute__((always_inline)) inline void weight_grad_tile(const T* __restrict__ gy, const T* __restrict__ x,
-                                                            int64_t N, T* __restrict__ gw, int64_t ldw) {
+__attribute__((always_inline)) inline void weight_grad_tile(const T* __restrict__ gy,
+                                                            const T* __restrict__ x, int64_t N,
+                                                            T* __restrict__ gw, int64_t ldw) {
   using S = Simd<T>;
   using Vt = typename S::type;
   constexpr int64_t L = S::kLanes;
@@ -248,17 +265,20 @@ void accumulate_weight_grad(const T* __restrict__ gy, const T* __restrict__ x, i
   if (ldw < 0) ldw = cin;
   int64_t o = 0;
   if (use_blas(cin, cout, N)) {
-    matrix_view(gw, cout, cin, ldw).addmm_(matrix_view(gy, cout, N, N), matrix_view(x, N, cin, 1, N));
+    matrix_view(gw, cout, cin, ldw)
+        .addmm_(matrix_view(gy, cout, N, N), matrix_view(x, N, cin, 1, N));
     o = cout;  // only the bias sums below
   }
   for (; o + 4 <= cout; o += 4) {
     int64_t i = 0;
-    for (; i + 2 <= cin; i += 2) weight_grad_tile<T, 4, 2>(gy + o * N, x + i * N, N, gw + o * ldw + i, ldw);
+    for (; i + 2 <= cin; i += 2)
+      weight_grad_tile<T, 4, 2>(gy + o * N, x + i * N, N, gw + o * ldw + i, ldw);
     for (; i < cin; ++i) weight_grad_tile<T, 4, 1>(gy + o * N, x + i * N, N, gw + o * ldw + i, ldw);
   }
   for (; o < cout; ++o) {
     int64_t i = 0;
-    for (; i + 2 <= cin; i += 2) weight_grad_tile<T, 1, 2>(gy + o * N, x + i * N, N, gw + o * ldw + i, ldw);
+    for (; i + 2 <= cin; i += 2)
+      weight_grad_tile<T, 1, 2>(gy + o * N, x + i * N, N, gw + o * ldw + i, ldw);
     for (; i < cin; ++i) weight_grad_tile<T, 1, 1>(gy + o * N, x + i * N, N, gw + o * ldw + i, ldw);
   }
   if (gb) {
@@ -302,9 +322,11 @@ inline Chunks sample_chunks(int64_t B) {  // at most 16 chunks
 
 // Chunks of samples that run as one block plane (C, nb·N), the samples' planes side by
 // side: at least min_columns columns, at most max_chunks chunks; fixed by B and N only.
-inline Chunks block_chunks(int64_t B, int64_t N, int64_t min_columns = 256, int64_t max_chunks = 32) {
-  const int64_t size = std::max<int64_t>(
-      {int64_t{1}, (min_columns + N - 1) / std::max<int64_t>(1, N), (B + max_chunks - 1) / max_chunks});
+inline Chunks block_chunks(int64_t B, int64_t N, int64_t min_columns = 256,
+                           int64_t max_chunks = 32) {
+  const int64_t size =
+      std::max<int64_t>({int64_t{1}, (min_columns + N - 1) / std::max<int64_t>(1, N),
+                         (B + max_chunks - 1) / max_chunks});
   return {(B + size - 1) / size, size};
 }
 
@@ -312,16 +334,20 @@ inline Chunks block_chunks(int64_t B, int64_t N, int64_t min_columns = 256, int6
 template <typename T>
 void to_block(const T* planes, int64_t nb, int64_t C, int64_t N, T* block) {
   for (int64_t j = 0; j < nb; ++j)
-    for (int64_t c = 0; c < C; ++c) std::memcpy(block + c * nb * N + j * N, planes + (j * C + c) * N, N * sizeof(T));
+    for (int64_t c = 0; c < C; ++c)
+      std::memcpy(block + c * nb * N + j * N, planes + (j * C + c) * N, N * sizeof(T));
 }
 template <typename T>
 void from_block(const T* block, int64_t nb, int64_t C, int64_t N, T* planes) {
   for (int64_t j = 0; j < nb; ++j)
-    for (int64_t c = 0; c < C; ++c) std::memcpy(planes + (j * C + c) * N, block + c * nb * N + j * N, N * sizeof(T));
+    for (int64_t c = 0; c < C; ++c)
+      std::memcpy(planes + (j * C + c) * N, block + c * nb * N + j * N, N * sizeof(T));
 }
 
 // Samples whose planes of N columns run side by side as one block: enough for 256 columns.
-inline int64_t block_samples(int64_t N) { return std::max<int64_t>(1, (256 + N - 1) / std::max<int64_t>(1, N)); }
+inline int64_t block_samples(int64_t N) {
+  return std::max<int64_t>(1, (256 + N - 1) / std::max<int64_t>(1, N));
+}
 
 // fn(chunk, b0, b1) for every chunk, in parallel.
 template <class Fn>

@@ -86,12 +86,12 @@ void pool_backward(const Geometry& g, const T* g_pooled, T scale, T* gu) {
 // Parameter pointers, in the op's argument order.
 template <typename T>
 struct Params {
-  const T* coords;                        // (Nk, d)
-  std::vector<const T*> fw, fb;           // filters: (H, d), (H), L + 1 of each
-  std::vector<const T*> lw, lb;           // hidden linears: (H, H), (H), L
-  const T *ow, *ob, *p, *alpha, *beta;    // (C, H), (C), (Nk), (L, H), (L, H)
-  const T *rw, *rb, *cw, *cb;             // context reduce (H, C), (H); fc (H, H), (H)
-  std::vector<const T*> gw, gb;           // gates: (H, H), (H), L
+  const T* coords;                      // (Nk, d)
+  std::vector<const T*> fw, fb;         // filters: (H, d), (H), L + 1 of each
+  std::vector<const T*> lw, lb;         // hidden linears: (H, H), (H), L
+  const T *ow, *ob, *p, *alpha, *beta;  // (C, H), (C), (Nk), (L, H), (L, H)
+  const T *rw, *rb, *cw, *cb;           // context reduce (H, C), (H); fc (H, H), (H)
+  std::vector<const T*> gw, gb;         // gates: (H, H), (H), L
 };
 
 // What the forward of a block of samples keeps: per layer the pre-normalization values,
@@ -138,12 +138,14 @@ template <typename T>
 struct Shared {
   std::vector<std::vector<T>> s;
   std::vector<T> lin1, p;
-  Shared(const Geometry& g, const Params<T>& P, const std::vector<std::vector<T>>& sines, int64_t samples) {
+  Shared(const Geometry& g, const Params<T>& P, const std::vector<std::vector<T>>& sines,
+         int64_t samples) {
     const int64_t Nk = g.Nk, M = samples * Nk;
     auto tile = [&](const T* plane, int64_t rows) {
       std::vector<T> out(rows * M);
       for (int64_t r = 0; r < rows; ++r)
-        for (int64_t j = 0; j < samples; ++j) std::memcpy(&out[r * M + j * Nk], plane + r * Nk, Nk * sizeof(T));
+        for (int64_t j = 0; j < samples; ++j)
+          std::memcpy(&out[r * M + j * Nk], plane + r * Nk, Nk * sizeof(T));
       return out;
     };
     for (const auto& si : sines) s.push_back(tile(si.data(), g.H));
@@ -157,8 +159,8 @@ struct Shared {
 // The forward of a block of `nb` context planes `pooled` (C, nb·Nk) into kernels
 // (C, nb·Nk), recording `t`.
 template <typename T>
-void block_forward(const Geometry& g, const Params<T>& P, const Shared<T>& sh, int64_t nb, const T* pooled,
-                   Trace<T>& t, T* kernel) {
+void block_forward(const Geometry& g, const Params<T>& P, const Shared<T>& sh, int64_t nb,
+                   const T* pooled, Trace<T>& t, T* kernel) {
   const int64_t H = g.H, Nk = g.Nk, M = nb * Nk, ld = sh.p.size();
   mix(P.rw, P.rb, pooled, g.C, H, M, t.c1.data());
   mix(P.cw, P.cb, t.c1.data(), H, H, M, t.c2.data());
@@ -203,10 +205,10 @@ void block_forward(const Geometry& g, const Params<T>& P, const Shared<T>& sh, i
 // Gradient slots of one chunk of samples, in the op's gradient order after u.
 template <typename T>
 struct Grads {
-  std::vector<std::vector<T>> fs;         // g of s_i (H·Nk), L + 1: turned into filter grads at the end
-  std::vector<std::vector<T>> lw, lb;     // L
+  std::vector<std::vector<T>> fs;  // g of s_i (H·Nk), L + 1: turned into filter grads at the end
+  std::vector<std::vector<T>> lw, lb;  // L
   std::vector<T> ow, ob, p, alpha, beta, rw, rb, cw, cb;
-  std::vector<std::vector<T>> gw, gb;     // L
+  std::vector<std::vector<T>> gw, gb;  // L
   Grads(const Geometry& g) {
     const int64_t H = g.H;
     fs.assign(g.L + 1, std::vector<T>(H * g.Nk, T(0)));
@@ -235,8 +237,15 @@ struct Grads {
       acc(gw[i], o.gw[i]);
       acc(gb[i], o.gb[i]);
     }
-    for (auto [a, b] : {std::pair{&ow, &o.ow}, {&ob, &o.ob}, {&p, &o.p}, {&alpha, &o.alpha},
-                        {&beta, &o.beta}, {&rw, &o.rw}, {&rb, &o.rb}, {&cw, &o.cw}, {&cb, &o.cb}})
+    for (auto [a, b] : {std::pair{&ow, &o.ow},
+                        {&ob, &o.ob},
+                        {&p, &o.p},
+                        {&alpha, &o.alpha},
+                        {&beta, &o.beta},
+                        {&rw, &o.rw},
+                        {&rb, &o.rb},
+                        {&cw, &o.cw},
+                        {&cb, &o.cb}})
       acc(*a, *b);
   }
 };
@@ -257,11 +266,13 @@ void add_segments(const T* plane, int64_t rows, int64_t nb, int64_t Nk, T* out) 
 // gradient of the context planes g_pooled (C, nb·Nk).
 template <typename T>
 void block_backward(const Geometry& g, const Params<T>& P, const Shared<T>& sh,
-                    const std::vector<std::vector<T>>& wt, int64_t nb, const T* pooled, const Trace<T>& t,
-                    const T* g_kernel, Grads<T>& G, T* g_pooled) {
+                    const std::vector<std::vector<T>>& wt, int64_t nb, const T* pooled,
+                    const Trace<T>& t, const T* g_kernel, Grads<T>& G, T* g_pooled) {
   const int64_t H = g.H, Nk = g.Nk, L = g.L, M = nb * Nk, ld = sh.p.size();
-  // wt: transposed weights: [0] output (H, C), [1..L] linears, [L+1..2L] gates, [2L+1] fc, [2L+2] reduce
-  std::vector<T> gh(H * M), g_ctx(H * M, T(0)), g_pre(H * M), g_gate(H * M), g_lin(H * M), g_s(H * M);
+  // wt: transposed weights: [0] output (H, C), [1..L] linears, [L+1..2L] gates, [2L+1] fc, [2L+2]
+  // reduce
+  std::vector<T> gh(H * M), g_ctx(H * M, T(0)), g_pre(H * M), g_gate(H * M), g_lin(H * M),
+      g_s(H * M);
   accumulate_weight_grad(g_kernel, t.h[L].data(), H, g.C, M, G.ow.data(), G.ob.data());
   mix(wt[0].data(), static_cast<const T*>(nullptr), g_kernel, g.C, H, M, gh.data());
   for (int64_t i = L; i >= 1; --i) {
@@ -302,7 +313,8 @@ void block_backward(const Geometry& g, const Params<T>& P, const Shared<T>& sh,
       G.beta[(i - 1) * H + u] += gb;
     }
     // gate = W_g ctx + b_g
-    accumulate_weight_grad(g_gate.data(), t.ctx.data(), H, H, M, G.gw[i - 1].data(), G.gb[i - 1].data());
+    accumulate_weight_grad(g_gate.data(), t.ctx.data(), H, H, M, G.gw[i - 1].data(),
+                           G.gb[i - 1].data());
     mix(wt[L + i].data(), static_cast<const T*>(nullptr), g_gate.data(), H, H, M, g_ctx.data(),
         /*accumulate=*/true);
     // pre = s_i ⊙ lin + P
@@ -327,7 +339,8 @@ void block_backward(const Geometry& g, const Params<T>& P, const Shared<T>& sh,
     }
     add_segments(gp.data(), 1, nb, Nk, G.p.data());
     // lin = W_l h_{i-1} + b_l
-    accumulate_weight_grad(g_lin.data(), t.h[i - 1].data(), H, H, M, G.lw[i - 1].data(), G.lb[i - 1].data());
+    accumulate_weight_grad(g_lin.data(), t.h[i - 1].data(), H, H, M, G.lw[i - 1].data(),
+                           G.lb[i - 1].data());
     mix(wt[i].data(), static_cast<const T*>(nullptr), g_lin.data(), H, H, M, gh.data());
   }
   add_segments(gh.data(), H, nb, Nk, G.fs[0].data());  // h_0 = s_0
@@ -365,8 +378,8 @@ Params<T> params_of(const std::vector<at::Tensor>& w, int64_t L) {
 }
 
 // Every weight's shape, from u (B, C, *S), kernel_size, and H = the hidden width.
-void check_local_kernel(const at::Tensor& u, at::IntArrayRef kernel_size, const std::vector<at::Tensor>& w,
-                        int64_t L) {
+void check_local_kernel(const at::Tensor& u, at::IntArrayRef kernel_size,
+                        const std::vector<at::Tensor>& w, int64_t L) {
   check_layer_activation(u, "u");
   const int64_t d = u.dim() - 2, C = u.size(1);
   TORCH_CHECK_VALUE(static_cast<int64_t>(kernel_size.size()) == d, "kernel_size must have ", d,
@@ -374,8 +387,8 @@ void check_local_kernel(const at::Tensor& u, at::IntArrayRef kernel_size, const 
   int64_t Nk = 1;
   for (int64_t i = 0; i < d; ++i) {
     TORCH_CHECK_VALUE(kernel_size[i] >= 1 && kernel_size[i] <= u.size(2 + i),
-                      "kernel_size must be between 1 and u's spatial size in every dim, got ", kernel_size[i],
-                      " for ", u.size(2 + i));
+                      "kernel_size must be between 1 and u's spatial size in every dim, got ",
+                      kernel_size[i], " for ", u.size(2 + i));
     Nk *= kernel_size[i];
   }
   TORCH_CHECK_VALUE(L >= 1 && static_cast<int64_t>(w.size()) == 6 * L + 12,
@@ -383,8 +396,8 @@ void check_local_kernel(const at::Tensor& u, at::IntArrayRef kernel_size, const 
   for (size_t i = 0; i < w.size(); ++i) check_dtype_device(w[i], "local kernel weight", u, "u");
   const int64_t H = w[1].size(0);
   auto expect = [&](size_t i, std::vector<int64_t> shape, const char* what) {
-    TORCH_CHECK_VALUE(w[i].sizes() == c10::IntArrayRef(shape), what, " must have shape ", shape_str(shape),
-                      ", got ", shape_str(w[i].sizes()));
+    TORCH_CHECK_VALUE(w[i].sizes() == c10::IntArrayRef(shape), what, " must have shape ",
+                      shape_str(shape), ", got ", shape_str(w[i].sizes()));
   };
   size_t j = 0;
   expect(j++, {Nk, d}, "coords");
@@ -405,8 +418,8 @@ void check_local_kernel(const at::Tensor& u, at::IntArrayRef kernel_size, const 
   for (int64_t i = 0; i < L; ++i) expect(j++, {H}, "gate_b");
 }
 
-Geometry geometry(const at::Tensor& u, at::IntArrayRef kernel_size, const std::vector<at::Tensor>& w,
-                  int64_t L) {
+Geometry geometry(const at::Tensor& u, at::IntArrayRef kernel_size,
+                  const std::vector<at::Tensor>& w, int64_t L) {
   check_local_kernel(u, kernel_size, w, L);
   Geometry g;
   g.B = u.size(0);
@@ -543,28 +556,33 @@ void local_kernel_backward_impl(const at::Tensor& gk_, const at::Tensor& u, cons
 
 std::vector<at::Tensor> weights_list(const at::Tensor& coords, at::TensorList fw, at::TensorList fb,
                                      at::TensorList lw, at::TensorList lb, const at::Tensor& ow,
-                                     const at::Tensor& ob, const at::Tensor& p, const at::Tensor& alpha,
-                                     const at::Tensor& beta, const at::Tensor& rw, const at::Tensor& rb,
+                                     const at::Tensor& ob, const at::Tensor& p,
+                                     const at::Tensor& alpha, const at::Tensor& beta,
+                                     const at::Tensor& rw, const at::Tensor& rb,
                                      const at::Tensor& cw, const at::Tensor& cb, at::TensorList gw,
                                      at::TensorList gb) {
   std::vector<at::Tensor> w{coords.contiguous()};
-  for (auto list : {fw, fb, lw, lb}) for (const auto& t : list) w.push_back(t.contiguous());
+  for (auto list : {fw, fb, lw, lb})
+    for (const auto& t : list) w.push_back(t.contiguous());
   for (const auto& t : {ow, ob, p, alpha, beta, rw, rb, cw, cb}) w.push_back(t.contiguous());
-  for (auto list : {gw, gb}) for (const auto& t : list) w.push_back(t.contiguous());
+  for (auto list : {gw, gb})
+    for (const auto& t : list) w.push_back(t.contiguous());
   return w;
 }
 
 }  // namespace
 
 at::Tensor local_kernel(const at::Tensor& u_, at::IntArrayRef kernel_size, bool batch_context,
-                        const at::Tensor& coords, at::TensorList fw, at::TensorList fb, at::TensorList lw,
-                        at::TensorList lb, const at::Tensor& ow, const at::Tensor& ob, const at::Tensor& p,
-                        const at::Tensor& alpha, const at::Tensor& beta, const at::Tensor& rw,
-                        const at::Tensor& rb, const at::Tensor& cw, const at::Tensor& cb, at::TensorList gw,
+                        const at::Tensor& coords, at::TensorList fw, at::TensorList fb,
+                        at::TensorList lw, at::TensorList lb, const at::Tensor& ow,
+                        const at::Tensor& ob, const at::Tensor& p, const at::Tensor& alpha,
+                        const at::Tensor& beta, const at::Tensor& rw, const at::Tensor& rb,
+                        const at::Tensor& cw, const at::Tensor& cb, at::TensorList gw,
                         at::TensorList gb) {
   const auto u = u_.contiguous();
   const int64_t L = lw.size();
-  const auto w = weights_list(coords, fw, fb, lw, lb, ow, ob, p, alpha, beta, rw, rb, cw, cb, gw, gb);
+  const auto w =
+      weights_list(coords, fw, fb, lw, lb, ow, ob, p, alpha, beta, rw, rb, cw, cb, gw, gb);
   const auto g = geometry(u, kernel_size, w, L);
   std::vector<int64_t> sizes{batch_context ? 1 : g.B, g.C};
   for (auto k : g.K) sizes.push_back(k);
@@ -574,23 +592,24 @@ at::Tensor local_kernel(const at::Tensor& u_, at::IntArrayRef kernel_size, bool 
   return kernel;
 }
 
-std::vector<at::Tensor> local_kernel_backward(const at::Tensor& g_kernel, const at::Tensor& u_,
-                                              at::IntArrayRef kernel_size, bool batch_context,
-                                              const at::Tensor& coords, at::TensorList fw, at::TensorList fb,
-                                              at::TensorList lw, at::TensorList lb, const at::Tensor& ow,
-                                              const at::Tensor& ob, const at::Tensor& p, const at::Tensor& alpha,
-                                              const at::Tensor& beta, const at::Tensor& rw, const at::Tensor& rb,
-                                              const at::Tensor& cw, const at::Tensor& cb, at::TensorList gw,
-                                              at::TensorList gb) {
+std::vector<at::Tensor> local_kernel_backward(
+    const at::Tensor& g_kernel, const at::Tensor& u_, at::IntArrayRef kernel_size,
+    bool batch_context, const at::Tensor& coords, at::TensorList fw, at::TensorList fb,
+    at::TensorList lw, at::TensorList lb, const at::Tensor& ow, const at::Tensor& ob,
+    const at::Tensor& p, const at::Tensor& alpha, const at::Tensor& beta, const at::Tensor& rw,
+    const at::Tensor& rb, const at::Tensor& cw, const at::Tensor& cb, at::TensorList gw,
+    at::TensorList gb) {
   const auto u = u_.contiguous();
   const int64_t L = lw.size();
-  const auto w = weights_list(coords, fw, fb, lw, lb, ow, ob, p, alpha, beta, rw, rb, cw, cb, gw, gb);
+  const auto w =
+      weights_list(coords, fw, fb, lw, lb, ow, ob, p, alpha, beta, rw, rb, cw, cb, gw, gb);
   const auto g = geometry(u, kernel_size, w, L);
   check_dtype_device(g_kernel, "g_kernel", u, "u");
   std::vector<int64_t> kshape{batch_context ? 1 : g.B, g.C};
   for (auto k : g.K) kshape.push_back(k);
-  TORCH_CHECK_VALUE(g_kernel.sizes() == c10::IntArrayRef(kshape), "g_kernel must have the kernel's shape ",
-                    shape_str(kshape), ", got ", shape_str(g_kernel.sizes()));
+  TORCH_CHECK_VALUE(g_kernel.sizes() == c10::IntArrayRef(kshape),
+                    "g_kernel must have the kernel's shape ", shape_str(kshape), ", got ",
+                    shape_str(g_kernel.sizes()));
   std::vector<at::Tensor> grads{at::empty_like(u)};
   for (size_t i = 1; i < w.size(); ++i) grads.push_back(at::empty_like(w[i]));
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "local_kernel_backward", [&] {

@@ -79,8 +79,8 @@ void pointwise_backward_impl(const at::Tensor& gy, const std::vector<at::Tensor>
         mix(wt.data() + offs[j] * cout, static_cast<const T*>(nullptr), g, cout, cin, M,
             per > 1 ? gxb.data() : gx);
         if (per > 1) from_block(gxb.data(), per, cin, N, gx);
-        accumulate_weight_grad(g, x, cin, cout, M, acc + offs[j], j == 0 ? acc + cout * ldw : static_cast<T*>(nullptr),
-                               ldw);
+        accumulate_weight_grad(g, x, cin, cout, M, acc + offs[j],
+                               j == 0 ? acc + cout * ldw : static_cast<T*>(nullptr), ldw);
       }
     }
   });
@@ -100,17 +100,17 @@ void check_pointwise(at::TensorList xs, const at::Tensor& w, const at::Tensor& b
     check_dtype_device(xs[j], name.c_str(), xs[0], "xs[0]");
     TORCH_CHECK_VALUE(xs[j].dim() == xs[0].dim() && xs[j].size(0) == xs[0].size(0) &&
                           xs[j].sizes().slice(2) == xs[0].sizes().slice(2),
-                      name, " must have the batch and spatial sizes of xs[0] ", shape_str(xs[0].sizes()),
-                      ", got ", shape_str(xs[j].sizes()));
+                      name, " must have the batch and spatial sizes of xs[0] ",
+                      shape_str(xs[0].sizes()), ", got ", shape_str(xs[j].sizes()));
     channels += xs[j].size(1);
   }
   check_dtype_device(w, "weight", xs[0], "xs[0]");
-  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) == channels, "weight must have shape (C_out, ", channels,
-                    "), got ", shape_str(w.sizes()));
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) == channels, "weight must have shape (C_out, ",
+                    channels, "), got ", shape_str(w.sizes()));
   if (b.defined()) {
     check_dtype_device(b, "bias", xs[0], "xs[0]");
-    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == w.size(0), "bias must have shape (", w.size(0), ",), got ",
-                      shape_str(b.sizes()));
+    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == w.size(0), "bias must have shape (", w.size(0),
+                      ",), got ", shape_str(b.sizes()));
   }
 }
 
@@ -122,7 +122,8 @@ std::vector<at::Tensor> contiguous_list(at::TensorList xs) {
 
 }  // namespace
 
-at::Tensor pointwise(at::TensorList xs_, const at::Tensor& w_, const std::optional<at::Tensor>& b_) {
+at::Tensor pointwise(at::TensorList xs_, const at::Tensor& w_,
+                     const std::optional<at::Tensor>& b_) {
   check_pointwise(xs_, w_, b_.has_value() ? *b_ : at::Tensor());
   const auto xs = contiguous_list(xs_);
   const auto offs = column_offsets(xs);
@@ -141,10 +142,11 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> pointwise_backward(
     const at::Tensor& gy_, at::TensorList xs_, const at::Tensor& w_, bool has_bias) {
   check_pointwise(xs_, w_, at::Tensor());
   check_dtype_device(gy_, "grad_y", xs_[0], "xs[0]");
-  TORCH_CHECK_VALUE(gy_.dim() == xs_[0].dim() && gy_.size(0) == xs_[0].size(0) && gy_.size(1) == w_.size(0) &&
+  TORCH_CHECK_VALUE(gy_.dim() == xs_[0].dim() && gy_.size(0) == xs_[0].size(0) &&
+                        gy_.size(1) == w_.size(0) &&
                         gy_.sizes().slice(2) == xs_[0].sizes().slice(2),
-                    "grad_y must have shape (B, C_out, *S) = (", xs_[0].size(0), ", ", w_.size(0), ", ...), got ",
-                    shape_str(gy_.sizes()));
+                    "grad_y must have shape (B, C_out, *S) = (", xs_[0].size(0), ", ", w_.size(0),
+                    ", ...), got ", shape_str(gy_.sizes()));
   const auto xs = contiguous_list(xs_);
   const auto offs = column_offsets(xs);
   const auto w = w_.contiguous();

@@ -1,10 +1,10 @@
 // Registers the ops for the CPU dispatch key: the HyperZ·Z·W ops (ops_impl.h over the
 // kernels of kernels.h) and the network's layers (layers.h).
+#include <torch/library.h>
+
 #include "../ops_impl.h"
 #include "kernels.h"
 #include "layers.h"
-
-#include <torch/library.h>
 
 namespace terminator {
 

@@ -1,10 +1,10 @@
 // The recursive gated unit, r = W_y(GELU(IN(W_k u ⊙ W_q(W_v u))) + P), a block of samples
 // at a time (their planes side by side, in cache); the backward recomputes the forward's
 // intermediates.
+#include <torch/library.h>
+
 #include "layer_math.h"
 #include "layers.h"
-
-#include <torch/library.h>
 
 namespace terminator {
 namespace cpu {
@@ -19,10 +19,19 @@ struct RguBlock {
   int64_t C, N, nb, M;
   std::vector<T> a, v, q, n, e, rstd;
   RguBlock(int64_t C_, int64_t N_, int64_t nb_)
-      : C(C_), N(N_), nb(nb_), M(nb_ * N_), a(C * M), v(C * M), q(C * M), n(C * M), e(C * M), rstd(C * nb) {}
+      : C(C_),
+        N(N_),
+        nb(nb_),
+        M(nb_ * N_),
+        a(C * M),
+        v(C * M),
+        q(C * M),
+        n(C * M),
+        e(C * M),
+        rstd(C * nb) {}
 
-  void forward(const T* u, const T* wk, const T* bk, const T* wv, const T* bv, const T* wq, const T* bq,
-               const T* p) {
+  void forward(const T* u, const T* wk, const T* bk, const T* wv, const T* bv, const T* wq,
+               const T* bq, const T* p) {
     mix(wk, bk, u, C, C, M, a.data());
     mix(wv, bv, u, C, C, M, v.data());
     mix(wq, bq, v.data(), C, C, M, q.data());
@@ -52,12 +61,13 @@ void check_rgu(const at::Tensor& u, const std::vector<at::Tensor>& w) {
     check_dtype_device(w[i], names[i], u, "u");
     const bool ok = i % 2 == 0 ? w[i].dim() == 2 && w[i].size(0) == C && w[i].size(1) == C
                                : w[i].dim() == 1 && w[i].size(0) == C;
-    TORCH_CHECK_VALUE(ok, names[i], " must have shape ", i % 2 == 0 ? "(C, C)" : "(C,)", " with C=", C,
-                      ", got ", shape_str(w[i].sizes()));
+    TORCH_CHECK_VALUE(ok, names[i], " must have shape ", i % 2 == 0 ? "(C, C)" : "(C,)",
+                      " with C=", C, ", got ", shape_str(w[i].sizes()));
   }
   check_dtype_device(w[8], "bias_map", u, "u");
-  TORCH_CHECK_VALUE(w[8].sizes() == u.sizes().slice(2), "bias_map must have the spatial shape of u ",
-                    shape_str(u.sizes().slice(2)), ", got ", shape_str(w[8].sizes()));
+  TORCH_CHECK_VALUE(w[8].sizes() == u.sizes().slice(2),
+                    "bias_map must have the spatial shape of u ", shape_str(u.sizes().slice(2)),
+                    ", got ", shape_str(w[8].sizes()));
 }
 
 std::vector<at::Tensor> contiguous_all(const std::vector<at::Tensor>& ts) {
@@ -102,63 +112,72 @@ void rgu_backward_impl(const at::Tensor& gr, const at::Tensor& u, const std::vec
   T* gud = gu.data_ptr<T>();
   // Per chunk: gWk gbk gWv gbv gWq gbq gWy gby gP.
   const int64_t CC = C * C;
-  const int64_t offs[10] = {0, CC, CC + C, 2 * CC + C, 2 * CC + 2 * C, 3 * CC + 2 * C,
-                            3 * CC + 3 * C, 4 * CC + 3 * C, 4 * CC + 4 * C, 4 * CC + 4 * C + N};
+  const int64_t offs[10] = {0,
+                            CC,
+                            CC + C,
+                            2 * CC + C,
+                            2 * CC + 2 * C,
+                            3 * CC + 2 * C,
+                            3 * CC + 3 * C,
+                            4 * CC + 3 * C,
+                            4 * CC + 4 * C,
+                            4 * CC + 4 * C + N};
   const int64_t slot = offs[9];
   const Chunks ch = sample_chunks(B);
   const int64_t per = block_samples(N);
   std::vector<T> slots(ch.count * slot, T(0));
   for_each_chunk(ch, B, [&](int64_t c, int64_t c0, int64_t c1) {
-   for (int64_t b0 = c0; b0 < c1; b0 += per) {
-    const int64_t nb = std::min(c1, b0 + per) - b0;
-    RguBlock<T> s(C, N, nb);
-    const int64_t M = s.M;
-    // One sample's planes are used where they are; several are copied side by side.
-    std::vector<T> ubv(nb > 1 ? C * M : 0), grv(nb > 1 ? C * M : 0), gubv(nb > 1 ? C * M : 0);
-    std::vector<T> ge(C * M), gq(C * M), gv(C * M), ga(C * M);
-    T* acc = slots.data() + c * slot;
-    const T* ub = nb > 1 ? ubv.data() : ud + b0 * C * N;
-    const T* grb = nb > 1 ? grv.data() : gd + b0 * C * N;
-    T* gub = nb > 1 ? gubv.data() : gud + b0 * C * N;
-    if (nb > 1) {
-      to_block(ud + b0 * C * N, nb, C, N, ubv.data());
-      to_block(gd + b0 * C * N, nb, C, N, grv.data());
-    }
-    s.forward(ub, wk, bk, wv, bv, wq, bq, p);
-    accumulate_weight_grad(grb, s.e.data(), C, C, M, acc + offs[6], acc + offs[7]);
-    mix(wyt.data(), static_cast<const T*>(nullptr), grb, C, C, M, ge.data());
-    T* gp = acc + offs[8];
-    for (int64_t cc = 0; cc < C; ++cc)
-      for (int64_t sm = 0; sm < nb; ++sm) {
-        const T* gec = ge.data() + cc * M + sm * N;
-#pragma omp simd
-        for (int64_t j = 0; j < N; ++j) gp[j] += gec[j];
+    for (int64_t b0 = c0; b0 < c1; b0 += per) {
+      const int64_t nb = std::min(c1, b0 + per) - b0;
+      RguBlock<T> s(C, N, nb);
+      const int64_t M = s.M;
+      // One sample's planes are used where they are; several are copied side by side.
+      std::vector<T> ubv(nb > 1 ? C * M : 0), grv(nb > 1 ? C * M : 0), gubv(nb > 1 ? C * M : 0);
+      std::vector<T> ge(C * M), gq(C * M), gv(C * M), ga(C * M);
+      T* acc = slots.data() + c * slot;
+      const T* ub = nb > 1 ? ubv.data() : ud + b0 * C * N;
+      const T* grb = nb > 1 ? grv.data() : gd + b0 * C * N;
+      T* gub = nb > 1 ? gubv.data() : gud + b0 * C * N;
+      if (nb > 1) {
+        to_block(ud + b0 * C * N, nb, C, N, ubv.data());
+        to_block(gd + b0 * C * N, nb, C, N, grv.data());
       }
-    for (int64_t cc = 0; cc < C; ++cc) {
-      T* gec = ge.data() + cc * M;  // becomes the gradient of n, then of g
-      const T* nc = s.n.data() + cc * M;
+      s.forward(ub, wk, bk, wv, bv, wq, bq, p);
+      accumulate_weight_grad(grb, s.e.data(), C, C, M, acc + offs[6], acc + offs[7]);
+      mix(wyt.data(), static_cast<const T*>(nullptr), grb, C, C, M, ge.data());
+      T* gp = acc + offs[8];
+      for (int64_t cc = 0; cc < C; ++cc)
+        for (int64_t sm = 0; sm < nb; ++sm) {
+          const T* gec = ge.data() + cc * M + sm * N;
 #pragma omp simd
-      for (int64_t j = 0; j < M; ++j) gec[j] *= gelu_grad(nc[j]);
-      for (int64_t sm = 0; sm < nb; ++sm)
-        standardize_row_backward(gec + sm * N, nc + sm * N, s.rstd[cc * nb + sm], N, gec + sm * N);
-      const T* ac = s.a.data() + cc * M;
-      const T* qc = s.q.data() + cc * M;
-      T* gac = ga.data() + cc * M;
-      T* gqc = gq.data() + cc * M;
+          for (int64_t j = 0; j < N; ++j) gp[j] += gec[j];
+        }
+      for (int64_t cc = 0; cc < C; ++cc) {
+        T* gec = ge.data() + cc * M;  // becomes the gradient of n, then of g
+        const T* nc = s.n.data() + cc * M;
 #pragma omp simd
-      for (int64_t j = 0; j < M; ++j) {
-        gac[j] = gec[j] * qc[j];
-        gqc[j] = gec[j] * ac[j];
+        for (int64_t j = 0; j < M; ++j) gec[j] *= gelu_grad(nc[j]);
+        for (int64_t sm = 0; sm < nb; ++sm)
+          standardize_row_backward(gec + sm * N, nc + sm * N, s.rstd[cc * nb + sm], N,
+                                   gec + sm * N);
+        const T* ac = s.a.data() + cc * M;
+        const T* qc = s.q.data() + cc * M;
+        T* gac = ga.data() + cc * M;
+        T* gqc = gq.data() + cc * M;
+#pragma omp simd
+        for (int64_t j = 0; j < M; ++j) {
+          gac[j] = gec[j] * qc[j];
+          gqc[j] = gec[j] * ac[j];
+        }
       }
+      accumulate_weight_grad(gq.data(), s.v.data(), C, C, M, acc + offs[4], acc + offs[5]);
+      mix(wqt.data(), static_cast<const T*>(nullptr), gq.data(), C, C, M, gv.data());
+      accumulate_weight_grad(gv.data(), ub, C, C, M, acc + offs[2], acc + offs[3]);
+      accumulate_weight_grad(ga.data(), ub, C, C, M, acc + offs[0], acc + offs[1]);
+      mix(wkt.data(), static_cast<const T*>(nullptr), ga.data(), C, C, M, gub);
+      mix(wvt.data(), static_cast<const T*>(nullptr), gv.data(), C, C, M, gub, /*accumulate=*/true);
+      if (nb > 1) from_block(gub, nb, C, N, gud + b0 * C * N);
     }
-    accumulate_weight_grad(gq.data(), s.v.data(), C, C, M, acc + offs[4], acc + offs[5]);
-    mix(wqt.data(), static_cast<const T*>(nullptr), gq.data(), C, C, M, gv.data());
-    accumulate_weight_grad(gv.data(), ub, C, C, M, acc + offs[2], acc + offs[3]);
-    accumulate_weight_grad(ga.data(), ub, C, C, M, acc + offs[0], acc + offs[1]);
-    mix(wkt.data(), static_cast<const T*>(nullptr), ga.data(), C, C, M, gub);
-    mix(wvt.data(), static_cast<const T*>(nullptr), gv.data(), C, C, M, gub, /*accumulate=*/true);
-    if (nb > 1) from_block(gub, nb, C, N, gud + b0 * C * N);
-   }
   });
   std::vector<T> total(slot);
   sum_slots(slots, ch.count, slot, total.data());
@@ -169,9 +188,10 @@ void rgu_backward_impl(const at::Tensor& gr, const at::Tensor& u, const std::vec
 
 }  // namespace
 
-at::Tensor rgu(const at::Tensor& u_, const at::Tensor& wk, const at::Tensor& bk, const at::Tensor& wv,
-               const at::Tensor& bv, const at::Tensor& wq, const at::Tensor& bq, const at::Tensor& wy,
-               const at::Tensor& by, const at::Tensor& p) {
+at::Tensor rgu(const at::Tensor& u_, const at::Tensor& wk, const at::Tensor& bk,
+               const at::Tensor& wv, const at::Tensor& bv, const at::Tensor& wq,
+               const at::Tensor& bq, const at::Tensor& wy, const at::Tensor& by,
+               const at::Tensor& p) {
   check_rgu(u_, {wk, bk, wv, bv, wq, bq, wy, by, p});
   const auto u = u_.contiguous();
   const auto w = contiguous_all({wk, bk, wv, bv, wq, bq, wy, by, p});
@@ -180,10 +200,12 @@ at::Tensor rgu(const at::Tensor& u_, const at::Tensor& wk, const at::Tensor& bk,
   return r;
 }
 
-std::vector<at::Tensor> rgu_backward(const at::Tensor& gr_, const at::Tensor& u_, const at::Tensor& wk,
-                                     const at::Tensor& bk, const at::Tensor& wv, const at::Tensor& bv,
-                                     const at::Tensor& wq, const at::Tensor& bq, const at::Tensor& wy,
-                                     const at::Tensor& by, const at::Tensor& p) {
+std::vector<at::Tensor> rgu_backward(const at::Tensor& gr_, const at::Tensor& u_,
+                                     const at::Tensor& wk, const at::Tensor& bk,
+                                     const at::Tensor& wv, const at::Tensor& bv,
+                                     const at::Tensor& wq, const at::Tensor& bq,
+                                     const at::Tensor& wy, const at::Tensor& by,
+                                     const at::Tensor& p) {
   check_rgu(u_, {wk, bk, wv, bv, wq, bq, wy, by, p});
   check_like(gr_, "grad_r", u_, "u");
   const auto u = u_.contiguous();

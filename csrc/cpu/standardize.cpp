@@ -14,13 +14,15 @@ namespace {
 std::vector<int64_t> channel_slots(const at::Tensor& batch_channels, int64_t C) {
   TORCH_CHECK_VALUE(batch_channels.dim() == 1 && !at::isFloatingType(batch_channels.scalar_type()),
                     "batch_channels must be a 1D tensor of channel indices, got ",
-                    shape_str(batch_channels.sizes()), " ", dtype_str(batch_channels.scalar_type()));
+                    shape_str(batch_channels.sizes()), " ",
+                    dtype_str(batch_channels.scalar_type()));
   std::vector<int64_t> slot(C, -1);
   const auto idx = batch_channels.to(at::kCPU, at::kLong).contiguous();
   const int64_t* p = idx.data_ptr<int64_t>();
   for (int64_t j = 0; j < idx.numel(); ++j) {
-    TORCH_CHECK_VALUE(p[j] >= 0 && p[j] < C && slot[p[j]] < 0, "batch_channels must list distinct channels in [0, ",
-                      C, "), got ", p[j], " at ", j);
+    TORCH_CHECK_VALUE(p[j] >= 0 && p[j] < C && slot[p[j]] < 0,
+                      "batch_channels must list distinct channels in [0, ", C, "), got ", p[j],
+                      " at ", j);
     slot[p[j]] = j;
   }
   return slot;
@@ -65,8 +67,8 @@ void batch_moments(const T* x, int64_t B, int64_t C, int64_t N, const std::vecto
 template <typename T>
 void standardize_impl(const at::Tensor& x_, const std::vector<int64_t>& slot,
                       const at::Tensor& running_mean, const at::Tensor& running_var, bool use_batch,
-                      double eps, bool gelu_act, const at::Tensor& bias, at::Tensor& y_, at::Tensor& stats_,
-                      at::Tensor& moments_) {
+                      double eps, bool gelu_act, const at::Tensor& bias, at::Tensor& y_,
+                      at::Tensor& stats_, at::Tensor& moments_) {
   const int64_t B = x_.size(0), C = x_.size(1), N = x_.numel() / std::max<int64_t>(1, B * C);
   const T* x = x_.data_ptr<T>();
   T* y = y_.data_ptr<T>();
@@ -89,37 +91,38 @@ void standardize_impl(const at::Tensor& x_, const std::vector<int64_t>& slot,
       var[c] = double(running_var.data_ptr<T>()[slot[c]]);
     }
   }
-  at::parallel_for(0, B * C, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, N)), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t c = r % C;
-      const T* xr = x + r * N;
-      T* yr = y + r * N;
-      T m, rstd;
-      if (slot[c] < 0) {
-        rstd = standardize_row(xr, N, T(eps), yr, &m);
-      } else {
-        m = T(mean[c]);
-        rstd = T(1.0 / std::sqrt(var[c] + eps));
+  at::parallel_for(0, B * C, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, N)),
+                   [&](int64_t r0, int64_t r1) {
+                     for (int64_t r = r0; r < r1; ++r) {
+                       const int64_t c = r % C;
+                       const T* xr = x + r * N;
+                       T* yr = y + r * N;
+                       T m, rstd;
+                       if (slot[c] < 0) {
+                         rstd = standardize_row(xr, N, T(eps), yr, &m);
+                       } else {
+                         m = T(mean[c]);
+                         rstd = T(1.0 / std::sqrt(var[c] + eps));
 #pragma omp simd
-        for (int64_t n = 0; n < N; ++n) yr[n] = (xr[n] - m) * rstd;
-      }
-      if (gelu_act) {
+                         for (int64_t n = 0; n < N; ++n) yr[n] = (xr[n] - m) * rstd;
+                       }
+                       if (gelu_act) {
 #pragma omp simd
-        for (int64_t n = 0; n < N; ++n) yr[n] = gelu(yr[n]) + b_add;
-      } else if (b_add != T(0)) {
+                         for (int64_t n = 0; n < N; ++n) yr[n] = gelu(yr[n]) + b_add;
+                       } else if (b_add != T(0)) {
 #pragma omp simd
-        for (int64_t n = 0; n < N; ++n) yr[n] += b_add;
-      }
-      stats[r] = m;
-      stats[B * C + r] = rstd;
-    }
-  });
+                         for (int64_t n = 0; n < N; ++n) yr[n] += b_add;
+                       }
+                       stats[r] = m;
+                       stats[B * C + r] = rstd;
+                     }
+                   });
 }
 
 template <typename T>
-void standardize_backward_impl(const at::Tensor& gy_, const at::Tensor& x_, const at::Tensor& stats_,
-                               const std::vector<int64_t>& slot, bool use_batch, bool gelu_act,
-                               at::Tensor& gx_, T* gbias) {
+void standardize_backward_impl(const at::Tensor& gy_, const at::Tensor& x_,
+                               const at::Tensor& stats_, const std::vector<int64_t>& slot,
+                               bool use_batch, bool gelu_act, at::Tensor& gx_, T* gbias) {
   const int64_t B = x_.size(0), C = x_.size(1), N = x_.numel() / std::max<int64_t>(1, B * C);
   const T* x = x_.data_ptr<T>();
   const T* gy = gy_.data_ptr<T>();
@@ -179,33 +182,36 @@ void standardize_backward_impl(const at::Tensor& gy_, const at::Tensor& x_, cons
   if (!use_batch) return;
   // Pass 2: batch channels, gx = rstd·(g − mean(g) − x̂·mean(g·x̂)) over (B, N).
   const double count = double(B * N);
-  at::parallel_for(0, B * C, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, N)), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t c = r % C;
-      if (slot[c] < 0) continue;
-      const T m = stats[r], rstd = stats[B * C + r];
-      const T m1 = T(total[c] / count), m2 = T(total[C + c] / count);
-      const T* xr = x + r * N;
-      T* g = gx + r * N;
+  at::parallel_for(0, B * C, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, N)),
+                   [&](int64_t r0, int64_t r1) {
+                     for (int64_t r = r0; r < r1; ++r) {
+                       const int64_t c = r % C;
+                       if (slot[c] < 0) continue;
+                       const T m = stats[r], rstd = stats[B * C + r];
+                       const T m1 = T(total[c] / count), m2 = T(total[C + c] / count);
+                       const T* xr = x + r * N;
+                       T* g = gx + r * N;
 #pragma omp simd
-      for (int64_t n = 0; n < N; ++n) g[n] = rstd * (g[n] - m1 - (xr[n] - m) * rstd * m2);
-    }
-  });
+                       for (int64_t n = 0; n < N; ++n)
+                         g[n] = rstd * (g[n] - m1 - (xr[n] - m) * rstd * m2);
+                     }
+                   });
 }
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> standardize(
-    const at::Tensor& x_, const at::Tensor& batch_channels, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var, bool use_batch_stats, double eps, bool gelu_act,
-    const std::optional<at::Tensor>& bias) {
+    const at::Tensor& x_, const at::Tensor& batch_channels,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    bool use_batch_stats, double eps, bool gelu_act, const std::optional<at::Tensor>& bias) {
   check_layer_activation(x_, "x");
   const auto x = x_.contiguous();
   const int64_t B = x.size(0), C = x.size(1);
   const auto slot = channel_slots(batch_channels, C);
   const bool has_running = running_mean.has_value() && running_mean->defined();
   const int64_t nb = batch_channels.size(0);
-  for (const auto& [t, name] : {std::pair{running_mean, "running_mean"}, {running_var, "running_var"}}) {
+  for (const auto& [t, name] :
+       {std::pair{running_mean, "running_mean"}, {running_var, "running_var"}}) {
     if (!t.has_value() || !t->defined()) continue;
     check_dtype_device(*t, name, x, "x");
     TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == nb, name, " must have shape (", nb, ",), got ",
@@ -215,10 +221,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> standardize(
                     "running_mean and running_var must both be given or both be None");
   if (bias.has_value() && bias->defined()) {
     check_dtype_device(*bias, "bias", x, "x");
-    TORCH_CHECK_VALUE(bias->dim() == 0, "bias must be a scalar tensor, got shape ", shape_str(bias->sizes()));
+    TORCH_CHECK_VALUE(bias->dim() == 0, "bias must be a scalar tensor, got shape ",
+                      shape_str(bias->sizes()));
   }
-  TORCH_CHECK_VALUE(!(use_batch_stats || !has_running) || nb == 0 || B * (x.numel() / std::max<int64_t>(1, B * C)) > 1,
-                    "batch standardization needs more than one value per channel, got x ", shape_str(x.sizes()));
+  TORCH_CHECK_VALUE(!(use_batch_stats || !has_running) || nb == 0 ||
+                        B * (x.numel() / std::max<int64_t>(1, B * C)) > 1,
+                    "batch standardization needs more than one value per channel, got x ",
+                    shape_str(x.sizes()));
   const bool use_batch = use_batch_stats || !has_running;
   auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
   auto stats = at::empty({2, B, C}, x.options());
@@ -233,15 +242,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> standardize(
 }
 
 std::tuple<at::Tensor, at::Tensor> standardize_backward(const at::Tensor& gy_, const at::Tensor& x_,
-                                                        const at::Tensor& stats, const at::Tensor& batch_channels,
-                                                        bool use_batch, bool gelu_act, bool has_bias) {
+                                                        const at::Tensor& stats,
+                                                        const at::Tensor& batch_channels,
+                                                        bool use_batch, bool gelu_act,
+                                                        bool has_bias) {
   check_layer_activation(x_, "x");
   check_like(gy_, "grad_y", x_, "x");
   check_dtype_device(stats, "stats", x_, "x");
   TORCH_CHECK_VALUE(stats.dim() == 3 && stats.size(0) == 2 && stats.size(1) == x_.size(0) &&
                         stats.size(2) == x_.size(1),
-                    "stats must have shape (2, B, C) = (2, ", x_.size(0), ", ", x_.size(1), "), got ",
-                    shape_str(stats.sizes()));
+                    "stats must have shape (2, B, C) = (2, ", x_.size(0), ", ", x_.size(1),
+                    "), got ", shape_str(stats.sizes()));
   const auto x = x_.contiguous();
   const auto gy = gy_.contiguous();
   const auto slot = channel_slots(batch_channels, x.size(1));

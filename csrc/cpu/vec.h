@@ -177,7 +177,8 @@ inline Vec<float>::type load_widened(const scalar_t* p) {
     return (Vec<float>::type)_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16);
 #elif defined(__SSE2__) && !defined(__AVX__)  // (AVX without AVX2: 32-byte Vecs, generic below)
     const __m128i bits = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-    return (Vec<float>::type)_mm_unpacklo_epi16(_mm_setzero_si128(), bits);  // bits in the upper halves
+    return (Vec<float>::type)_mm_unpacklo_epi16(_mm_setzero_si128(),
+                                                bits);  // bits in the upper halves
 #else
     Bits16 bits;
     std::memcpy(&bits, p, sizeof bits);
@@ -204,7 +205,8 @@ inline void convert(const From* __restrict__ src, int64_t n, To* __restrict__ ds
   int64_t e = 0;
   constexpr int64_t L = kLanes<float>;
   if constexpr (kVectorConversion<From> && std::is_same_v<To, float>) {
-    for (; e + L <= n; e += L) *reinterpret_cast<Vec<float>::type*>(dst + e) = load_widened(src + e);
+    for (; e + L <= n; e += L)
+      *reinterpret_cast<Vec<float>::type*>(dst + e) = load_widened(src + e);
   } else if constexpr (kVectorConversion<To> && std::is_same_v<From, float>) {
     for (; e + L <= n; e += L) {
       store_narrowed(dst + e, *reinterpret_cast<const Vec<float>::type*>(src + e));

@@ -6,14 +6,14 @@
 //
 // Every launch: device guard (DeviceKernels), the current stream, a launch
 // check; empty tensors return before any launch.
-#include "../device/device_kernels.h"
-#include "../ops_impl.h"
-
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include "../device/device_kernels.h"
+#include "../ops_impl.h"
 
 namespace terminator {
 namespace cuda {
@@ -127,7 +127,8 @@ struct CudaLauncher {
   }
 
   template <typename scalar_t>
-  static void global_dot_forward(const LaunchConfig& cfg, const GlobalDotForwardParams<scalar_t>& p) {
+  static void global_dot_forward(const LaunchConfig& cfg,
+                                 const GlobalDotForwardParams<scalar_t>& p) {
     launch(global_dot_forward_kernel<scalar_t>, cfg, p);
   }
 

@@ -21,7 +21,7 @@
 namespace terminator {
 namespace device {
 
-constexpr int64_t kTileThreads = 256;         // threads per tiled block
+constexpr int64_t kTileThreads = 256;  // threads per tiled block
 constexpr int64_t kWeightGradMaxThreads = 256;
 
 // ---- correlate: forward and input gradient ------------------------------------
@@ -104,8 +104,7 @@ TERMINATOR_HD inline TileOrigin correlate_tile_origin(const CorrelateParams<scal
 // the kernel (flipped if p.flip) into shared memory.
 template <typename scalar_t, typename acc_t>
 TERMINATOR_HD inline void correlate_tile_load(const CorrelateParams<scalar_t>& p,
-                                              const ThreadContext& t, int64_t item,
-                                              acc_t* shared) {
+                                              const ThreadContext& t, int64_t item, acc_t* shared) {
   const TileOrigin o = correlate_tile_origin(p, item);
   const int64_t halo_h = p.tile_h + p.Kh - 1, halo_w = p.tile_w + p.Kw - 1;
   const int64_t halo = halo_h * halo_w, taps = p.Kh * p.Kw;
@@ -193,8 +192,8 @@ inline WeightGradGeometry weight_grad_geometry(int64_t B, int64_t C, int64_t H, 
   g.taps = Kh * Kw;
   // A power of two (the tree reduction halves it), at most one thread per term.
   const int64_t threads = clamp64(next_pow2(H * W), 32, kWeightGradMaxThreads);
-  const BatchSplit split = shared_w ? split_batch(B, g.kernels * g.taps * threads, limits)
-                                    : BatchSplit{1, 1};
+  const BatchSplit split =
+      shared_w ? split_batch(B, g.kernels * g.taps * threads, limits) : BatchSplit{1, 1};
   g.splits = split.splits;
   g.batch_per_split = split.batch_per_split;
   g.items = g.splits * g.kernels * g.taps;
@@ -245,8 +244,7 @@ TERMINATOR_HD inline void weight_grad_accumulate(const WeightGradParams<scalar_t
 
 // Phase 2, once per stride = threads/2, threads/4, ..., 1: a fixed-order tree sum.
 template <typename acc_t>
-TERMINATOR_HD inline void block_reduce_step(const ThreadContext& t, int64_t stride,
-                                            acc_t* shared) {
+TERMINATOR_HD inline void block_reduce_step(const ThreadContext& t, int64_t stride, acc_t* shared) {
   const int64_t r = t.rank();
   if (r < stride) shared[r] += shared[r + stride];
 }

@@ -20,17 +20,17 @@
 //   static void weight_grad(cfg, const WeightGradParams<T, A>&);
 #pragma once
 
-#include "column_sum.h"
-#include "conv_direct.h"
-#include "global_dot.h"
-#include "hd.h"
-#include "../matmul_aten.h"
-
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
 #include <tuple>
+
+#include "../matmul_aten.h"
+#include "column_sum.h"
+#include "conv_direct.h"
+#include "global_dot.h"
+#include "hd.h"
 
 namespace terminator {
 namespace device {
@@ -64,8 +64,10 @@ struct DeviceKernels {
     return y;
   }
 
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor> global_dot_backward(
-      const at::Tensor& gy, const at::Tensor& k, const at::Tensor& z, const at::Tensor& x) {
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> global_dot_backward(const at::Tensor& gy,
+                                                                            const at::Tensor& k,
+                                                                            const at::Tensor& z,
+                                                                            const at::Tensor& x) {
     const int64_t B = z.size(0), CN = z.size(1) * z.size(2);
     const bool shared = k.size(0) == 1, has_x = x.defined();
     auto gk = shared ? at::empty_like(k) : at::empty_like(z);
@@ -149,7 +151,8 @@ struct DeviceKernels {
       p.kernels = g.kernels, p.taps = g.taps, p.splits = g.splits;
       p.batch_per_split = g.batch_per_split, p.items = g.items;
       Launcher::weight_grad(g.launch, p);
-      if (g.splits > 1) sum_partials<scalar_t, acc_t>(p.partial, p.gw, g.splits, g.kernels * g.taps);
+      if (g.splits > 1)
+        sum_partials<scalar_t, acc_t>(p.partial, p.gw, g.splits, g.kernels * g.taps);
     });
     return gw;
   }
@@ -181,8 +184,8 @@ struct DeviceKernels {
     const int64_t Kh = w.size(2), Kw = w.size(3);
     // Forward pads ⌊(K−1)/2⌋ before; the flipped kernel of the input gradient pads the rest.
     const int64_t before_h = (Kh - 1) / 2, before_w = (Kw - 1) / 2;
-    const auto g = correlate_geometry(B * C, H, W, Kh, Kw, acc_bytes(in.scalar_type()),
-                                      Launcher::limits());
+    const auto g =
+        correlate_geometry(B * C, H, W, Kh, Kw, acc_bytes(in.scalar_type()), Launcher::limits());
     TERMINATOR_DEVICE_DISPATCH_FLOATING(in.scalar_type(), "conv_direct_correlate", [&] {
       CorrelateParams<scalar_t> p{};
       p.in = in.const_data_ptr<scalar_t>();

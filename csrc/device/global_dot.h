@@ -47,8 +47,8 @@ struct GlobalDotBackwardParams {
   const scalar_t* x;  // == z when has_x is false
   scalar_t* gk;       // (Bk, C·N)
   scalar_t* gz;
-  scalar_t* gx;       // null when has_x is false
-  acc_t* partial;     // (splits, C·N) when shared_k and splits > 1, else null
+  scalar_t* gx;    // null when has_x is false
+  acc_t* partial;  // (splits, C·N) when shared_k and splits > 1, else null
   int64_t B, CN;
   bool shared_k, has_x;
   int64_t splits, batch_per_split;  // shared_k: the batch cut into slices

@@ -38,9 +38,7 @@ struct ThreadContext {
   TERMINATOR_HD int64_t rank() const {
     return thread.x + block_dim.x * (thread.y + block_dim.y * thread.z);
   }
-  TERMINATOR_HD int64_t block_threads() const {
-    return block_dim.x * block_dim.y * block_dim.z;
-  }
+  TERMINATOR_HD int64_t block_threads() const { return block_dim.x * block_dim.y * block_dim.z; }
   // Grid-stride loops over a flat range: start and stride.
   TERMINATOR_HD int64_t global_rank() const { return block.x * block_threads() + rank(); }
   TERMINATOR_HD int64_t grid_threads() const { return grid_dim.x * block_threads(); }
@@ -57,9 +55,9 @@ struct LaunchConfig {
 // the host emulation shrinks them to drive small inputs through the code paths
 // that large inputs take (grid-stride loops, split reductions, fallbacks).
 struct LaunchLimits {
-  int64_t max_blocks = kMaxGridX;      // cap on grid.x; work beyond it loops
-  int64_t shared_budget = 16 * 1024;   // bytes of shared memory a tiled kernel may use
-  int64_t target_threads = 1 << 17;    // parallelism a split reduction aims for
+  int64_t max_blocks = kMaxGridX;     // cap on grid.x; work beyond it loops
+  int64_t shared_budget = 16 * 1024;  // bytes of shared memory a tiled kernel may use
+  int64_t target_threads = 1 << 17;   // parallelism a split reduction aims for
 };
 
 TERMINATOR_HD inline LaunchLimits default_limits() { return LaunchLimits{}; }

@@ -83,9 +83,7 @@ class TerminatorConfig:
                 )
         for i, prev in enumerate(self.previous):
             if len(prev) > 2 or any(not 0 <= j < i - 1 for j in prev):
-                raise ValueError(
-                    f"previous[{i}] must list at most two blocks before block {i - 1}, got {prev}"
-                )
+                raise ValueError(f"previous[{i}] must list at most two blocks before block {i - 1}, got {prev}")
 
     @property
     def out_channels(self) -> int:
@@ -225,17 +223,23 @@ class Terminator(nn.Module):
     def summary(self) -> str:
         """A short table: one row per block (channels, earlier inputs, kernel, parameters)."""
         c = self.config
-        rows = [f"Terminator {c.data_dim}D, input ({c.channels[0]}, {', '.join(map(str, c.size))}), "
-                f"mode={c.mode!r}, local_context={c.local_context!r}, running_stats={c.running_stats}"]
-        rows.append(f"{'block':>5}  {'in':>5} {'out':>5}  {'previous':<9} {'G layers':>8} {'dropout':>7} {'params':>10}")
+        rows = [
+            f"Terminator {c.data_dim}D, input ({c.channels[0]}, {', '.join(map(str, c.size))}), "
+            f"mode={c.mode!r}, local_context={c.local_context!r}, running_stats={c.running_stats}"
+        ]
+        rows.append(
+            f"{'block':>5}  {'in':>5} {'out':>5}  {'previous':<9} {'G layers':>8} {'dropout':>7} {'params':>10}"
+        )
         for i, block in enumerate(self.blocks):
             prev = ",".join(map(str, c.previous[i])) or "-"
             rows.append(
                 f"{i:>5}  {c.channels[i]:>5} {c.channels[i] * c.factors[i]:>5}  {prev:<9} "
                 f"{c.global_layers[i]:>8} {c.dropout[i]:>7g} {parameter_count(block):>10,}"
             )
-        rows.append(f"{'head':>5}  {c.out_channels:>5} {c.num_classes:>5}  {'':<9} {'':>8} {'':>7} "
-                    f"{parameter_count(self.head) + self.bias.numel():>10,}")
+        rows.append(
+            f"{'head':>5}  {c.out_channels:>5} {c.num_classes:>5}  {'':<9} {'':>8} {'':>7} "
+            f"{parameter_count(self.head) + self.bias.numel():>10,}"
+        )
         rows.append(f"total parameters: {parameter_count(self):,}")
         return "\n".join(rows)
 
@@ -256,4 +260,3 @@ def parameter_count(model: nn.Module) -> int:
 def preset_parameter_counts(num_classes: int | None = None) -> dict[str, int]:
     """Parameter count of every preset (built on the CPU)."""
     return {name: Terminator.from_preset(name, num_classes=num_classes).num_parameters for name in PRESETS}
-

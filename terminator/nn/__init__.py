@@ -14,13 +14,13 @@ from .layers import (
     SiGLU,
     channel_mixer,
 )
-from .pointwise import Pointwise
 from .norm import GIBS, BatchStandardization, InstanceStandardization
+from .pointwise import Pointwise
 from .slow import (
     DEFAULT_OMEGA_0,
-    MAGNet,
     CachedKernel,
     LocalContext,
+    MAGNet,
     SlowNetG,
     SlowNetGC,
     SlowNetL,

@@ -142,7 +142,4 @@ class SFNEBlock(nn.Module):
         return self.dropout(self.gibs(out, gelu=True, bias=self.bias)), k_g
 
     def extra_repr(self) -> str:
-        return (
-            f"channels={self.channels}, factor={self.factor}, size={self.size}, "
-            f"num_previous={self.num_previous}"
-        )
+        return f"channels={self.channels}, factor={self.factor}, size={self.size}, num_previous={self.num_previous}"

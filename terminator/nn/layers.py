@@ -138,8 +138,17 @@ class RGU(nn.Module):
         self.bias_map = nn.Parameter(torch.zeros(size))
 
     def weights(self) -> ops.RguWeights:
-        return ops.RguWeights(self.w_k.weight, self.w_k.bias, self.w_v.weight, self.w_v.bias, self.w_q.weight,
-                              self.w_q.bias, self.w_y.weight, self.w_y.bias, self.bias_map)
+        return ops.RguWeights(
+            self.w_k.weight,
+            self.w_k.bias,
+            self.w_v.weight,
+            self.w_v.bias,
+            self.w_q.weight,
+            self.w_q.bias,
+            self.w_y.weight,
+            self.w_y.bias,
+            self.bias_map,
+        )
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         return ops.rgu(u, self.weights())
@@ -152,8 +161,9 @@ class HyperChannelInteraction(nn.Module):
     channel slow net (:class:`SlowNetGC`); computed by :func:`terminator.ops.hyper_interaction`.
     """
 
-    def __init__(self, data_dim: int, channels: int, hidden: int = 32, num_layers: int = 2,
-                 omega_0: float = DEFAULT_OMEGA_0):
+    def __init__(
+        self, data_dim: int, channels: int, hidden: int = 32, num_layers: int = 2, omega_0: float = DEFAULT_OMEGA_0
+    ):
         super().__init__()
         self.data_dim = data_dim
         self.slow_net = SlowNetGC(channels, 1, hidden, num_layers, omega_0)

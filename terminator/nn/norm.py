@@ -53,9 +53,17 @@ class BatchStandardization(nn.Module):
 
     def forward(self, x: torch.Tensor, gelu: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Standardized ``x``; with ``gelu``, GELU of it; with ``bias`` (scalar), plus that."""
-        return ops.standardize(x, "batch", self.running_mean, self.running_var,
-                               use_batch_stats=self.training or not self.running_stats, momentum=self.momentum,
-                               eps=self.eps, gelu=gelu, bias=bias)
+        return ops.standardize(
+            x,
+            "batch",
+            self.running_mean,
+            self.running_var,
+            use_batch_stats=self.training or not self.running_stats,
+            momentum=self.momentum,
+            eps=self.eps,
+            gelu=gelu,
+            bias=bias,
+        )
 
     def extra_repr(self) -> str:
         return f"{self.channels}, running_stats={self.running_stats}"
@@ -91,9 +99,17 @@ class GIBS(nn.Module):
     def forward(self, x: torch.Tensor, gelu: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Standardized ``x``; with ``gelu``, GELU of it; with ``bias`` (scalar), plus that."""
         bs = self.batch_std
-        return ops.standardize(x, ops.ChannelGroups(self.bs_index, self.in_index, self.order), bs.running_mean,
-                               bs.running_var, use_batch_stats=bs.training or not bs.running_stats,
-                               momentum=bs.momentum, eps=bs.eps, gelu=gelu, bias=bias)
+        return ops.standardize(
+            x,
+            ops.ChannelGroups(self.bs_index, self.in_index, self.order),
+            bs.running_mean,
+            bs.running_var,
+            use_batch_stats=bs.training or not bs.running_stats,
+            momentum=bs.momentum,
+            eps=bs.eps,
+            gelu=gelu,
+            bias=bias,
+        )
 
     def extra_repr(self) -> str:
         return f"channels={sum(self.splits)}, groups={len(self.splits)}"

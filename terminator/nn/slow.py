@@ -117,9 +117,14 @@ class MAGNet(nn.Module):
 
     def weights(self) -> ops.MagnetWeights:
         return ops.MagnetWeights(
-            self.coords, [f.weight for f in self.filters], [f.bias for f in self.filters],
-            [lin.weight for lin in self.linears], [lin.bias for lin in self.linears], self.output.weight,
-            self.output.bias, self.bias_map,
+            self.coords,
+            [f.weight for f in self.filters],
+            [f.bias for f in self.filters],
+            [lin.weight for lin in self.linears],
+            [lin.bias for lin in self.linears],
+            self.output.weight,
+            self.output.bias,
+            self.bias_map,
         )
 
     def forward(self, context_gates=None) -> torch.Tensor:
@@ -237,8 +242,15 @@ class LocalContext(nn.Module):
     per hidden layer (kaiming-uniform, bias 1) makes the gate of that layer.
     """
 
-    def __init__(self, data_dim: int, channels: int, kernel_size: tuple[int, ...], hidden: int,
-                 num_layers: int, local_context: str = "sample"):
+    def __init__(
+        self,
+        data_dim: int,
+        channels: int,
+        kernel_size: tuple[int, ...],
+        hidden: int,
+        num_layers: int,
+        local_context: str = "sample",
+    ):
         super().__init__()
         if local_context not in ("sample", "batch"):
             raise ValueError(f"local_context must be 'sample' or 'batch', got {local_context!r}")
@@ -256,8 +268,14 @@ class LocalContext(nn.Module):
     def weights(self, alpha: torch.Tensor, beta: torch.Tensor) -> ops.LocalContextWeights:
         """With the slow net's re-normalization ``alpha``, ``beta`` ``(L, hidden)``."""
         return ops.LocalContextWeights(
-            self.reduce.weight, self.reduce.bias, self.fc.weight, self.fc.bias,
-            [g.weight for g in self.gates], [g.bias for g in self.gates], alpha, beta,
+            self.reduce.weight,
+            self.reduce.bias,
+            self.fc.weight,
+            self.fc.bias,
+            [g.weight for g in self.gates],
+            [g.bias for g in self.gates],
+            alpha,
+            beta,
         )
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
@@ -299,6 +317,10 @@ class SlowNetL(nn.Module):
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """``u (B, C, *S)`` (the context) → kernel ``(B, C, *K)``, or ``(1, C, *K)`` for "batch"."""
-        return ops.local_kernel(u, self.kernel_size, self.magnet.weights(),
-                                self.context.weights(self.renorm_alpha, self.renorm_beta),
-                                batch_context=self.context.local_context == "batch")
+        return ops.local_kernel(
+            u,
+            self.kernel_size,
+            self.magnet.weights(),
+            self.context.weights(self.renorm_alpha, self.renorm_beta),
+            batch_context=self.context.local_context == "batch",
+        )

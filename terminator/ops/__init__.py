@@ -20,9 +20,9 @@ reference.
 
 from __future__ import annotations
 
-import torch
-
 from typing import Sequence
+
+import torch
 
 from . import _build, _checks, _library, _network, reference
 from ._build import BackendInfo, BuildError
@@ -119,8 +119,9 @@ def _autocast(t: torch.Tensor) -> bool:
     return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
 
 
-def pointwise(xs: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
-              bias: torch.Tensor | None = None) -> torch.Tensor:
+def pointwise(
+    xs: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """A channel mixer (1×1 convolution) of one input, or of several concatenated along
     channels without materializing the concatenation.
 
@@ -180,13 +181,31 @@ def standardize(
         ``(B, C, *S)``, equal to ``reference.standardize``.
     """
     if _autocast(x):
-        return reference.standardize(x, channels, running_mean, running_var, use_batch_stats=use_batch_stats,
-                                     momentum=momentum, eps=eps, gelu=gelu, bias=bias)
+        return reference.standardize(
+            x,
+            channels,
+            running_mean,
+            running_var,
+            use_batch_stats=use_batch_stats,
+            momentum=momentum,
+            eps=eps,
+            gelu=gelu,
+            bias=bias,
+        )
     _checks.check_standardize_args(x, channels, running_mean, running_var, bias)
     extra = [t for t in (running_mean, running_var, bias) if t is not None]
     if not _fused(x, *extra) or x.numel() == 0:
-        return reference.standardize(x, channels, running_mean, running_var, use_batch_stats=use_batch_stats,
-                                     momentum=momentum, eps=eps, gelu=gelu, bias=bias)
+        return reference.standardize(
+            x,
+            channels,
+            running_mean,
+            running_var,
+            use_batch_stats=use_batch_stats,
+            momentum=momentum,
+            eps=eps,
+            gelu=gelu,
+            bias=bias,
+        )
     batch_channels = _batch_channel_index(channels, x.shape[1], x.device)
     use_batch = use_batch_stats or running_mean is None
     if use_batch and batch_channels.numel() and x.numel() // x.shape[1] <= 1:
@@ -218,8 +237,13 @@ def rgu(u: torch.Tensor, weights: RguWeights) -> torch.Tensor:
     return reference.rgu(u, weights)
 
 
-def local_kernel(u: torch.Tensor, kernel_size: Sequence[int], magnet_weights: MagnetWeights,
-                 context_weights: LocalContextWeights, batch_context: bool = False) -> torch.Tensor:
+def local_kernel(
+    u: torch.Tensor,
+    kernel_size: Sequence[int],
+    magnet_weights: MagnetWeights,
+    context_weights: LocalContextWeights,
+    batch_context: bool = False,
+) -> torch.Tensor:
     """Context-dependent local hyper-kernels (the local slow net).
 
     Args:
@@ -236,15 +260,22 @@ def local_kernel(u: torch.Tensor, kernel_size: Sequence[int], magnet_weights: Ma
     if _autocast(u):
         return reference.local_kernel(u, kernel_size, magnet_weights, context_weights, batch_context)
     _checks.check_local_kernel_args(u, kernel_size, magnet_weights, context_weights)
-    tensors = [u, *magnet_weights.filter_w, *magnet_weights.linear_w, magnet_weights.out_w,
-               context_weights.reduce_w, context_weights.alpha]
+    tensors = [
+        u,
+        *magnet_weights.filter_w,
+        *magnet_weights.linear_w,
+        magnet_weights.out_w,
+        context_weights.reduce_w,
+        context_weights.alpha,
+    ]
     if _fused(*tensors) and u.numel():
         return _network.local_kernel(u, kernel_size, batch_context, magnet_weights, context_weights)
     return reference.local_kernel(u, kernel_size, magnet_weights, context_weights, batch_context)
 
 
-def hyper_interaction(y: torch.Tensor, x: torch.Tensor | None, k_c: torch.Tensor,
-                      k_s: torch.Tensor | None = None) -> torch.Tensor:
+def hyper_interaction(
+    y: torch.Tensor, x: torch.Tensor | None, k_c: torch.Tensor, k_s: torch.Tensor | None = None
+) -> torch.Tensor:
     """``x ⊙ sigmoid(s_c ⊙ s_s)``: ``x`` gated by scores of a high-level ``y``.
 
     Args:

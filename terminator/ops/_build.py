@@ -60,8 +60,7 @@ CUDA_FLAGS = ("-O3", "--expt-relaxed-constexpr")
 LD_FLAGS = ("-fopenmp",)
 # TERMINATOR_SANITIZE=1: ASan + UBSan, with frame pointers and debug info for readable reports,
 # for the same target as the normal build (the CPU kernels' vector code depends on it).
-SANITIZE_FLAGS = ("-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g", "-O1", "-fopenmp",
-                  *NATIVE_FLAGS)
+SANITIZE_FLAGS = ("-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g", "-O1", "-fopenmp", *NATIVE_FLAGS)
 SANITIZE_LD_FLAGS = ("-fsanitize=address,undefined", "-fopenmp")
 LOCK_POLL_SECONDS = 0.2
 # After this long waiting for another process's build, say so on stderr (once).
@@ -137,8 +136,7 @@ def cpp_sources(src: Path) -> list[str]:
     stems = [Path(s).stem for s in sources]
     clashes = sorted({s for s in sources if stems.count(Path(s).stem) > 1})
     if clashes:
-        raise BuildError(f"C++ sources {', '.join(clashes)} in {src} would compile to the same object file; "
-                         "rename one")
+        raise BuildError(f"C++ sources {', '.join(clashes)} in {src} would compile to the same object file; rename one")
     return sources
 
 
@@ -210,9 +208,7 @@ def asan_runtime_loaded() -> bool | None:
 def source_hash(src: Path, sources: list[str]) -> str:
     """Hash of every source and header under ``src`` that a build may include."""
     digest = hashlib.sha256()
-    files = sorted(
-        p for p in src.rglob("*") if p.is_file() and p.suffix in {".h", ".cuh", ".cpp", ".cu"}
-    )
+    files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix in {".h", ".cuh", ".cpp", ".cu"})
     for path in files:
         digest.update(str(path.relative_to(src)).encode())
         digest.update(b"\0")
@@ -274,8 +270,12 @@ def build_lock(path: Path, timeout: float) -> Iterator[None]:
                         "raise TERMINATOR_BUILD_TIMEOUT or check for a hung build"
                     ) from None
                 if not announced and waited > LOCK_ANNOUNCE_SECONDS:
-                    print(f"terminator: waiting for another build in {path.parent} "
-                          f"({_lock_holder(handle)}; timeout {timeout:.0f} s)", file=sys.stderr, flush=True)
+                    print(
+                        f"terminator: waiting for another build in {path.parent} "
+                        f"({_lock_holder(handle)}; timeout {timeout:.0f} s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     announced = True
                 time.sleep(LOCK_POLL_SECONDS)
         try:
@@ -401,8 +401,11 @@ def build_and_load(
             except OSError as exc:
                 state = f"it does not load ({_first_line(exc.__cause__ or exc)})"
         if state != "missing":
-            print(f"terminator: the cached build in {build_dir} is damaged: {state}; rebuilding it",
-                  file=sys.stderr, flush=True)
+            print(
+                f"terminator: the cached build in {build_dir} is damaged: {state}; rebuilding it",
+                file=sys.stderr,
+                flush=True,
+            )
         # We hold the lock, so anything here is left over from a build that died or a damaged one.
         shutil.rmtree(build_dir, ignore_errors=True)
         try:
@@ -411,13 +414,19 @@ def build_and_load(
             raise BuildError(f"cannot create the build directory {build_dir}: {exc}; {_CACHE_HINT}") from exc
         _put_ninja_on_path()
         _check_compiler()
-        print(f"terminator: compiling {name} into {build_dir} (first use; about a minute)",
-              file=sys.stderr, flush=True)
+        print(f"terminator: compiling {name} into {build_dir} (first use; about a minute)", file=sys.stderr, flush=True)
         _compile(name, src, sources, build_dir, cflags, cuda_cflags, ldflags, with_cuda, verbose)
-        info = {"torch": torch.__version__, "cuda": torch.version.cuda if with_cuda else None,
-                "sources": sources, "cflags": list(cflags), "ldflags": list(ldflags),
-                "built_at": time.time(), "seconds": round(time.monotonic() - start, 1),
-                "library_size": library.stat().st_size, "library_sha256": _file_digest(library)}
+        info = {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda if with_cuda else None,
+            "sources": sources,
+            "cflags": list(cflags),
+            "ldflags": list(ldflags),
+            "built_at": time.time(),
+            "seconds": round(time.monotonic() - start, 1),
+            "library_size": library.stat().st_size,
+            "library_sha256": _file_digest(library),
+        }
         try:
             tmp = marker.with_suffix(".tmp")
             tmp.write_text(json.dumps(info, indent=1))
@@ -469,8 +478,9 @@ def _put_ninja_on_path() -> None:
     try:
         import ninja
     except ImportError:
-        raise BuildError("ninja is not installed and not on PATH: pip install ninja "
-                         "(or apt-get install ninja-build)") from None
+        raise BuildError(
+            "ninja is not installed and not on PATH: pip install ninja (or apt-get install ninja-build)"
+        ) from None
     os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
@@ -518,13 +528,13 @@ def select_backend() -> BackendInfo:
     except BuildError as exc:
         if requested != "auto":
             raise
-        warnings.warn(f"terminator: using the pure-PyTorch reference backend because {exc}",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"terminator: using the pure-PyTorch reference backend because {exc}", RuntimeWarning, stacklevel=3
+        )
         return BackendInfo("reference", str(exc), requested)
     how = f"built in {result.seconds:.0f} s" if result.built else "loaded from the build cache"
     if sanitize:
         how += " (TERMINATOR_SANITIZE=1: ASan + UBSan build)"
     if want_cuda:
         return BackendInfo("cuda", f"{how}; {cuda_reason}", requested, str(result.library), ("cpu", "cuda"))
-    return BackendInfo("cpp", f"{how}; CUDA kernels not built: {cuda_reason}", requested,
-                       str(result.library), ("cpu",))
+    return BackendInfo("cpp", f"{how}; CUDA kernels not built: {cuda_reason}", requested, str(result.library), ("cpu",))

@@ -22,8 +22,7 @@ def _tensor(t: object, name: str) -> torch.Tensor:
 def _floating(t: torch.Tensor, name: str) -> None:
     if t.dtype not in _FLOATING:
         raise ValueError(
-            f"{name} must be a floating-point tensor (float32, float64, float16 or bfloat16), "
-            f"got {t.dtype}"
+            f"{name} must be a floating-point tensor (float32, float64, float16 or bfloat16), got {t.dtype}"
         )
 
 
@@ -37,9 +36,7 @@ def _activation(t: object, name: str) -> torch.Tensor:
 
 def _same_device_dtype(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
     if t.device != ref.device:
-        raise ValueError(
-            f"{name} must be on the same device as {ref_name} ({ref.device}), got {t.device}"
-        )
+        raise ValueError(f"{name} must be on the same device as {ref_name} ({ref.device}), got {t.device}")
     if t.dtype != ref.dtype:
         raise ValueError(f"{name} must have the same dtype as {ref_name} ({ref.dtype}), got {t.dtype}")
 
@@ -72,9 +69,7 @@ def check_kernel(kernel: object, name: str, x: torch.Tensor, x_name: str, *, ful
         )
     k_spatial, x_spatial = tuple(kernel.shape[off + 1 :]), tuple(x.shape[2:])
     if full_size and k_spatial != x_spatial:
-        raise ValueError(
-            f"{name} must have the spatial size of {x_name} {tuple(x.shape)}, got {tuple(kernel.shape)}"
-        )
+        raise ValueError(f"{name} must have the spatial size of {x_name} {tuple(x.shape)}, got {tuple(kernel.shape)}")
     if not full_size and not all(1 <= k <= s for k, s in zip(k_spatial, x_spatial)):
         raise ValueError(
             f"{name} spatial size must be between 1 and the input size {x_spatial} in every dim, "
@@ -94,9 +89,7 @@ def check_global_args(k: object, z: object, x: object, mode: object) -> int:
         if x.shape != z.shape:
             raise ValueError(f"x must have the shape of z {tuple(z.shape)}, got {tuple(x.shape)}")
     if mode == "matmul" and not (z.dim() == 4 and z.shape[2] == z.shape[3]):
-        raise ValueError(
-            f"mode='matmul' needs square 2D activations z (B, C, H, W) with H == W, got {tuple(z.shape)}"
-        )
+        raise ValueError(f"mode='matmul' needs square 2D activations z (B, C, H, W) with H == W, got {tuple(z.shape)}")
     return check_kernel(k, "k", z, "z", full_size=True)
 
 
@@ -145,15 +138,17 @@ def check_pointwise_args(xs: list, weight: object, bias: object) -> None:
         x = _activations(x, f"xs[{j}]")
         _same_device_dtype(x, f"xs[{j}]", first, "xs[0]")
         if x.shape[0] != first.shape[0] or x.shape[2:] != first.shape[2:]:
-            raise ValueError(f"xs[{j}] must have the batch and spatial sizes of xs[0] {tuple(first.shape)}, "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"xs[{j}] must have the batch and spatial sizes of xs[0] {tuple(first.shape)}, got {tuple(x.shape)}"
+            )
     weight = _matrix(weight, "weight", None, sum(x.shape[1] for x in xs), first)
     if bias is not None:
         _vector(bias, "bias", weight.shape[0], first)
 
 
-def check_standardize_args(x: object, channels: object, running_mean: object, running_var: object,
-                           bias: object) -> None:
+def check_standardize_args(
+    x: object, channels: object, running_mean: object, running_var: object, bias: object
+) -> None:
     x = _activations(x, "x")
     count = x.shape[1] if channels == "batch" else None
     if channels not in ("instance", "batch"):
@@ -192,12 +187,16 @@ def check_local_kernel_args(u: object, kernel_size: object, magnet: tuple, conte
     spatial = tuple(u.shape[2:])
     kernel_size = tuple(kernel_size)
     if len(kernel_size) != len(spatial) or not all(1 <= k <= s for k, s in zip(kernel_size, spatial)):
-        raise ValueError(f"kernel_size must have one entry per spatial dim of u {spatial}, each between 1 and "
-                         f"that size, got {kernel_size}")
+        raise ValueError(
+            f"kernel_size must have one entry per spatial dim of u {spatial}, each between 1 and "
+            f"that size, got {kernel_size}"
+        )
     layers = len(magnet.linear_w)
     if len(magnet.filter_w) != layers + 1 or len(context.gate_w) != layers:
-        raise ValueError(f"a MAGNet with {layers} hidden layers needs {layers + 1} filters and {layers} gates, "
-                         f"got {len(magnet.filter_w)} and {len(context.gate_w)}")
+        raise ValueError(
+            f"a MAGNet with {layers} hidden layers needs {layers + 1} filters and {layers} gates, "
+            f"got {len(magnet.filter_w)} and {len(context.gate_w)}"
+        )
     hidden = magnet.out_w.shape[1]
     positions = 1
     for k in kernel_size:
@@ -206,8 +205,9 @@ def check_local_kernel_args(u: object, kernel_size: object, magnet: tuple, conte
     _matrix(magnet.out_w, "out_w", u.shape[1], hidden, u)
     _matrix(context.reduce_w, "reduce_w", hidden, u.shape[1], u)
     if magnet.bias_map.numel() != positions:
-        raise ValueError(f"bias_map must have {positions} entries (the kernel positions), got "
-                         f"{tuple(magnet.bias_map.shape)}")
+        raise ValueError(
+            f"bias_map must have {positions} entries (the kernel positions), got {tuple(magnet.bias_map.shape)}"
+        )
     for name, t in (("alpha", context.alpha), ("beta", context.beta)):
         if tuple(t.shape) != (layers, hidden):
             raise ValueError(f"{name} must have shape ({layers}, {hidden}), got {tuple(t.shape)}")

@@ -56,8 +56,9 @@ def _reference_vjp_of_vjp(forward, tensors, grad_y, grads_of_outputs):
         pairs = [(f, g) for f, g in zip(first, outer) if g is not None and f is not None and f.requires_grad]
         if not pairs:
             return (None,) * (1 + len(inputs))
-        second = iter(torch.autograd.grad([f for f, _ in pairs], [grad_y, *present], [g for _, g in pairs],
-                                          allow_unused=True))
+        second = iter(
+            torch.autograd.grad([f for f, _ in pairs], [grad_y, *present], [g for _, g in pairs], allow_unused=True)
+        )
         grad_grad_y = next(second)
         return (grad_grad_y, *[next(second) if t is not None else None for t in inputs])
 
@@ -103,8 +104,11 @@ def _fake_pointwise(xs, weight, bias):
 
 
 def _fake_pointwise_backward(grad_y, xs, weight, has_bias):
-    return [x.new_empty(x.shape) for x in xs], weight.new_empty(weight.shape), \
-        weight.new_empty((weight.shape[0],) if has_bias else (0,))
+    return (
+        [x.new_empty(x.shape) for x in xs],
+        weight.new_empty(weight.shape),
+        weight.new_empty((weight.shape[0],) if has_bias else (0,)),
+    )
 
 
 class _PointwiseFunction(torch.autograd.Function):
@@ -130,8 +134,7 @@ class _PointwiseFunction(torch.autograd.Function):
 class _PointwiseBackwardFunction(torch.autograd.Function):
     @staticmethod
     def forward(grad_y, weight, has_bias, *xs):
-        grad_xs, grad_w, grad_b = _below_autograd(_ops.pointwise_backward.default, grad_y, list(xs), weight,
-                                                  has_bias)
+        grad_xs, grad_w, grad_b = _below_autograd(_ops.pointwise_backward.default, grad_y, list(xs), weight, has_bias)
         return (*grad_xs, grad_w, grad_b)  # flat: an autograd.Function's outputs are tensors
 
     @staticmethod
@@ -147,9 +150,10 @@ class _PointwiseBackwardFunction(torch.autograd.Function):
         gg_xs, gg_w, gg_b = grads_of_outputs[:n], grads_of_outputs[n], grads_of_outputs[n + 1]
         forward = lambda w, b, *xs_: reference.pointwise(xs_, w, b)  # noqa: E731
         bias = weight.new_zeros(weight.shape[0]) if ctx.has_bias else None
-        grads = _reference_vjp_of_vjp(forward, (weight, bias, *xs), grad_y,
-                                      (gg_w, gg_b if ctx.has_bias else None, *gg_xs))
-        return (grads[0], grads[1], None, *grads[3:3 + n])
+        grads = _reference_vjp_of_vjp(
+            forward, (weight, bias, *xs), grad_y, (gg_w, gg_b if ctx.has_bias else None, *gg_xs)
+        )
+        return (grads[0], grads[1], None, *grads[3 : 3 + n])
 
     jvp = _no_forward_ad("pointwise_backward")
 
@@ -180,8 +184,9 @@ class _StandardizeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, bias, batch_channels, running_mean, running_var, use_batch_stats, eps, gelu):
-        return _below_autograd(_ops.standardize.default, x, batch_channels, running_mean, running_var,
-                               use_batch_stats, eps, gelu, bias)
+        return _below_autograd(
+            _ops.standardize.default, x, batch_channels, running_mean, running_var, use_batch_stats, eps, gelu, bias
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -195,8 +200,7 @@ class _StandardizeFunction(torch.autograd.Function):
     def backward(ctx, grad_y, _stats, _moments):
         x, stats, batch_channels = ctx.saved_tensors
         use_batch_stats, gelu, has_bias = ctx.flags
-        grad_x, grad_bias = _ops.standardize_backward(grad_y, x, stats, batch_channels, use_batch_stats, gelu,
-                                                      has_bias)
+        grad_x, grad_bias = _ops.standardize_backward(grad_y, x, stats, batch_channels, use_batch_stats, gelu, has_bias)
         return grad_x, (grad_bias if has_bias else None), None, None, None, None, None, None
 
     jvp = _no_forward_ad("standardize")
@@ -205,8 +209,9 @@ class _StandardizeFunction(torch.autograd.Function):
 class _StandardizeBackwardFunction(torch.autograd.Function):
     @staticmethod
     def forward(grad_y, x, stats, batch_channels, use_batch_stats, gelu, has_bias):
-        return _below_autograd(_ops.standardize_backward.default, grad_y, x, stats, batch_channels,
-                               use_batch_stats, gelu, has_bias)
+        return _below_autograd(
+            _ops.standardize_backward.default, grad_y, x, stats, batch_channels, use_batch_stats, gelu, has_bias
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -224,8 +229,10 @@ class _StandardizeBackwardFunction(torch.autograd.Function):
             if use_batch_stats:
                 return reference.standardize(x, channels, use_batch_stats=True, gelu=gelu, bias=bias)
             # running statistics: x̂ = (x − mean)·rstd with the saved (constant) statistics
-            mean, rstd = stats[0].reshape(*stats.shape[1:], *(1,) * (x.dim() - 2)), \
-                stats[1].reshape(*stats.shape[1:], *(1,) * (x.dim() - 2))
+            mean, rstd = (
+                stats[0].reshape(*stats.shape[1:], *(1,) * (x.dim() - 2)),
+                stats[1].reshape(*stats.shape[1:], *(1,) * (x.dim() - 2)),
+            )
             y = (x - mean) * rstd
             y = torch.nn.functional.gelu(y) if gelu else y
             return y + bias if bias is not None else y
@@ -252,8 +259,7 @@ def _reference_channels(batch_channels: torch.Tensor, channels: int):
 
 
 def _standardize_kernel(x, batch_channels, running_mean, running_var, use_batch_stats, eps, gelu, bias):
-    return _StandardizeFunction.apply(x, bias, batch_channels, running_mean, running_var, use_batch_stats, eps,
-                                      gelu)
+    return _StandardizeFunction.apply(x, bias, batch_channels, running_mean, running_var, use_batch_stats, eps, gelu)
 
 
 def _standardize_backward_kernel(grad_y, x, stats, batch_channels, use_batch_stats, gelu, has_bias):
@@ -338,15 +344,20 @@ def _split_local_weights(flat, layers):
 def _reference_local_kernel(u, kernel_size, batch_context, layers, flat):
     coords, fw, fb, lw, lb, ow, ob, p, alpha, beta, rw, rb, cw, cb, gw, gb = _split_local_weights(flat, layers)
     return reference.local_kernel(
-        u, kernel_size, reference.MagnetWeights(coords, fw, fb, lw, lb, ow, ob, p),
-        reference.LocalContextWeights(rw, rb, cw, cb, gw, gb, alpha, beta), batch_context)
+        u,
+        kernel_size,
+        reference.MagnetWeights(coords, fw, fb, lw, lb, ow, ob, p),
+        reference.LocalContextWeights(rw, rb, cw, cb, gw, gb, alpha, beta),
+        batch_context,
+    )
 
 
 class _LocalKernelFunction(torch.autograd.Function):
     @staticmethod
     def forward(u, kernel_size, batch_context, layers, *flat):
-        return _below_autograd(_ops.local_kernel.default, u, kernel_size, batch_context,
-                               *_split_local_weights(flat, layers))
+        return _below_autograd(
+            _ops.local_kernel.default, u, kernel_size, batch_context, *_split_local_weights(flat, layers)
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -367,8 +378,16 @@ class _LocalKernelFunction(torch.autograd.Function):
 class _LocalKernelBackwardFunction(torch.autograd.Function):
     @staticmethod
     def forward(g_kernel, u, kernel_size, batch_context, layers, *flat):
-        return tuple(_below_autograd(_ops.local_kernel_backward.default, g_kernel, u, kernel_size, batch_context,
-                                     *_split_local_weights(flat, layers)))
+        return tuple(
+            _below_autograd(
+                _ops.local_kernel_backward.default,
+                g_kernel,
+                u,
+                kernel_size,
+                batch_context,
+                *_split_local_weights(flat, layers),
+            )
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -390,25 +409,29 @@ class _LocalKernelBackwardFunction(torch.autograd.Function):
     jvp = _no_forward_ad("local_kernel_backward")
 
 
-def _local_kernel_kernel(u, kernel_size, batch_context, coords, fw, fb, lw, lb, ow, ob, p, alpha, beta, rw, rb,
-                         cw, cb, gw, gb):
+def _local_kernel_kernel(
+    u, kernel_size, batch_context, coords, fw, fb, lw, lb, ow, ob, p, alpha, beta, rw, rb, cw, cb, gw, gb
+):
     flat = _flat_local_weights(coords, fw, fb, lw, lb, ow, ob, p, alpha, beta, rw, rb, cw, cb, gw, gb)
     return _LocalKernelFunction.apply(u, list(kernel_size), batch_context, len(lw), *flat)
 
 
-def _local_kernel_backward_kernel(g_kernel, u, kernel_size, batch_context, coords, fw, fb, lw, lb, ow, ob, p,
-                                  alpha, beta, rw, rb, cw, cb, gw, gb):
+def _local_kernel_backward_kernel(
+    g_kernel, u, kernel_size, batch_context, coords, fw, fb, lw, lb, ow, ob, p, alpha, beta, rw, rb, cw, cb, gw, gb
+):
     flat = _flat_local_weights(coords, fw, fb, lw, lb, ow, ob, p, alpha, beta, rw, rb, cw, cb, gw, gb)
     return list(_LocalKernelBackwardFunction.apply(g_kernel, u, list(kernel_size), batch_context, len(lw), *flat))
 
 
-def _fake_local_kernel_op(u, kernel_size, batch_context, coords, fw, fb, lw, lb, ow, ob, p, alpha, beta, rw, rb,
-                          cw, cb, gw, gb):
+def _fake_local_kernel_op(
+    u, kernel_size, batch_context, coords, fw, fb, lw, lb, ow, ob, p, alpha, beta, rw, rb, cw, cb, gw, gb
+):
     return u.new_empty((1 if batch_context else u.shape[0], ow.shape[0], *kernel_size))
 
 
-def _fake_local_kernel_backward_op(g_kernel, u, kernel_size, batch_context, coords, fw, fb, lw, lb, ow, ob, p,
-                                   alpha, beta, rw, rb, cw, cb, gw, gb):
+def _fake_local_kernel_backward_op(
+    g_kernel, u, kernel_size, batch_context, coords, fw, fb, lw, lb, ow, ob, p, alpha, beta, rw, rb, cw, cb, gw, gb
+):
     flat = _flat_local_weights(coords, fw, fb, lw, lb, ow, ob, p, alpha, beta, rw, rb, cw, cb, gw, gb)
     return [u.new_empty(u.shape), *[w.new_empty(w.shape) for w in flat[1:]]]
 
@@ -421,8 +444,12 @@ def _fake_hyper_interaction(y, x, k_c, k_s):
 
 
 def _fake_hyper_interaction_backward(grad, y, x, k_c, k_s):
-    return [y.new_empty(y.shape), y.new_empty(y.shape if x is not None else (0,)), k_c.new_empty(k_c.shape),
-            y.new_empty(k_s.shape if k_s is not None else (0,))]
+    return [
+        y.new_empty(y.shape),
+        y.new_empty(y.shape if x is not None else (0,)),
+        k_c.new_empty(k_c.shape),
+        y.new_empty(k_s.shape if k_s is not None else (0,)),
+    ]
 
 
 class _HyperInteractionFunction(torch.autograd.Function):
@@ -455,8 +482,12 @@ class _HyperInteractionBackwardFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gg_y, gg_x, gg_kc, gg_ks):
         grad, y, x, k_c, k_s = ctx.saved_tensors
-        grads = _reference_vjp_of_vjp(reference.hyper_interaction, (y, x, k_c, k_s), grad,
-                                      (gg_y, gg_x if x is not None else None, gg_kc, gg_ks if k_s is not None else None))
+        grads = _reference_vjp_of_vjp(
+            reference.hyper_interaction,
+            (y, x, k_c, k_s),
+            grad,
+            (gg_y, gg_x if x is not None else None, gg_kc, gg_ks if k_s is not None else None),
+        )
         return grads
 
     jvp = _no_forward_ad("hyper_interaction_backward")
@@ -512,10 +543,27 @@ def rgu(u, weights):
 
 def local_kernel(u, kernel_size, batch_context, magnet_weights, context_weights):
     m, c = magnet_weights, context_weights
-    return _ops.local_kernel(u, list(kernel_size), batch_context, m.coords, list(m.filter_w), list(m.filter_b),
-                             list(m.linear_w), list(m.linear_b), m.out_w, m.out_b, m.bias_map.reshape(-1),
-                             c.alpha, c.beta, c.reduce_w, c.reduce_b, c.fc_w, c.fc_b, list(c.gate_w),
-                             list(c.gate_b))
+    return _ops.local_kernel(
+        u,
+        list(kernel_size),
+        batch_context,
+        m.coords,
+        list(m.filter_w),
+        list(m.filter_b),
+        list(m.linear_w),
+        list(m.linear_b),
+        m.out_w,
+        m.out_b,
+        m.bias_map.reshape(-1),
+        c.alpha,
+        c.beta,
+        c.reduce_w,
+        c.reduce_b,
+        c.fc_w,
+        c.fc_b,
+        list(c.gate_w),
+        list(c.gate_b),
+    )
 
 
 def hyper_interaction(y, x, k_c, k_s):

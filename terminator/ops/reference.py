@@ -164,8 +164,11 @@ def standardize(
     elif channels == "batch":
         y = F.batch_norm(x, running_mean, running_var, None, None, use_batch, momentum, eps)
     else:
-        parts = [F.batch_norm(x.index_select(1, channels.batch), running_mean, running_var, None, None,
-                              use_batch, momentum, eps)]
+        parts = [
+            F.batch_norm(
+                x.index_select(1, channels.batch), running_mean, running_var, None, None, use_batch, momentum, eps
+            )
+        ]
         if channels.instance.numel():
             parts.append(F.instance_norm(x.index_select(1, channels.instance), eps=eps))
         y = torch.cat(parts, dim=1).index_select(1, channels.order)
@@ -240,8 +243,9 @@ class LocalContextWeights(NamedTuple):
     beta: torch.Tensor
 
 
-def local_context(u: torch.Tensor, kernel_size: Sequence[int], weights: LocalContextWeights,
-                  batch_context: bool = False) -> torch.Tensor:
+def local_context(
+    u: torch.Tensor, kernel_size: Sequence[int], weights: LocalContextWeights, batch_context: bool = False
+) -> torch.Tensor:
     """``u (B, C, *S)`` → adaptive average pool to ``kernel_size`` → 1×1 conv → (batch mean)
     → 1×1 conv → GELU: ``(B', N, H)`` with ``N = prod(kernel_size)``, ``B'`` = B or 1."""
     pool = F.adaptive_avg_pool1d if u.dim() == 3 else F.adaptive_avg_pool2d
@@ -252,8 +256,13 @@ def local_context(u: torch.Tensor, kernel_size: Sequence[int], weights: LocalCon
     return c.flatten(2).transpose(1, 2)
 
 
-def local_kernel(u: torch.Tensor, kernel_size: Sequence[int], magnet_weights: MagnetWeights,
-                 context_weights: LocalContextWeights, batch_context: bool = False) -> torch.Tensor:
+def local_kernel(
+    u: torch.Tensor,
+    kernel_size: Sequence[int],
+    magnet_weights: MagnetWeights,
+    context_weights: LocalContextWeights,
+    batch_context: bool = False,
+) -> torch.Tensor:
     """The local slow net: hyper-kernels ``(B, C, *K)`` (``(1, C, *K)`` with ``batch_context``)
     from the context ``u (B, C, *S)``.
 
@@ -272,8 +281,9 @@ def local_kernel(u: torch.Tensor, kernel_size: Sequence[int], magnet_weights: Ma
     return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], *kernel_size)
 
 
-def hyper_interaction(y: torch.Tensor, x: torch.Tensor | None, k_c: torch.Tensor,
-                      k_s: torch.Tensor | None = None) -> torch.Tensor:
+def hyper_interaction(
+    y: torch.Tensor, x: torch.Tensor | None, k_c: torch.Tensor, k_s: torch.Tensor | None = None
+) -> torch.Tensor:
     """``x ⊙ sigmoid(s_c ⊙ s_s)`` gated by scores of ``y`` (``x = None``: ``x = y``).
 
     ``s_c = k_c ⊙ y_c ⊙ y_c`` with ``y_c (B, 1, C)`` the per-channel spatial mean of ``y``;

@@ -18,5 +18,14 @@ from .data import DATASETS, DatasetNotFound, load_dataset
 from .evaluation import evaluate_checkpoint
 from .loop import train
 
-__all__ = ["TrainConfig", "load_config", "DATASETS", "DatasetNotFound", "load_dataset", "train",
-           "evaluate_checkpoint", "load_checkpoint", "CheckpointRefused"]
+__all__ = [
+    "TrainConfig",
+    "load_config",
+    "DATASETS",
+    "DatasetNotFound",
+    "load_dataset",
+    "train",
+    "evaluate_checkpoint",
+    "load_checkpoint",
+    "CheckpointRefused",
+]

@@ -72,12 +72,14 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dicts, lists and primitives (YAML, JSON and ``torch.load(weights_only=True)``)."""
+
         def plain(v):
             if isinstance(v, (list, tuple)):
                 return [plain(x) for x in v]
             if isinstance(v, dict):
                 return {str(k): plain(x) for k, x in v.items()}
             return v
+
         return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
@@ -118,8 +120,9 @@ def apply_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     return merged
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                base: dict[str, Any] | None = None) -> TrainConfig:
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, base: dict[str, Any] | None = None
+) -> TrainConfig:
     """Defaults ← ``base`` (e.g. a checkpoint's config) ← YAML file ← ``overrides``."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:

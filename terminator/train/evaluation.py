@@ -17,8 +17,7 @@ __all__ = ["evaluate", "format_confusion", "evaluate_checkpoint"]
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, d: Dist,
-             num_classes: int) -> dict:
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, d: Dist, num_classes: int) -> dict:
     """Loss (plain cross-entropy), accuracy and confusion matrix, sharded over ranks and reduced.
 
     ``x (N, C, *S)``, ``y (N,)`` class ids; puts ``model`` in eval mode.
@@ -28,7 +27,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
     conf = torch.zeros(num_classes, num_classes, dtype=torch.float64)
     loss_sum = 0.0
     for i in range(0, len(idx), batch):
-        b = idx[i:i + batch]
+        b = idx[i : i + batch]
         xb, yb = x[b].to(d.device), y[b].to(d.device)
         logits = model(xb)
         loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
@@ -38,23 +37,36 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
     loss_sum = float(all_sum(d, [loss_sum])[0])
     n = float(conf.sum())
     correct = float(conf.diag().sum())
-    return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1), "correct": int(correct), "n": int(n),
-            "confusion": conf.long().tolist()}
+    return {
+        "loss": loss_sum / max(n, 1),
+        "acc": correct / max(n, 1),
+        "correct": int(correct),
+        "n": int(n),
+        "confusion": conf.long().tolist(),
+    }
 
 
 def format_confusion(conf: list[list[int]]) -> str:
     k = len(conf)
     width = max(5, max(len(str(v)) for row in conf for v in row) + 1)
-    lines = ["confusion matrix (rows: true class, columns: predicted)",
-             "true\\pred" + "".join(f"{j:>{width}}" for j in range(k))]
+    lines = [
+        "confusion matrix (rows: true class, columns: predicted)",
+        "true\\pred" + "".join(f"{j:>{width}}" for j in range(k)),
+    ]
     for i, row in enumerate(conf):
         lines.append(f"{i:>9}" + "".join(f"{v:>{width}}" for v in row))
     return "\n".join(lines)
 
 
-def evaluate_checkpoint(path: str | Path, dataset: str | None = None, data_dir: str | None = None,
-                        split: str = "test", out: str | Path | None = None, batch_size: int | None = None,
-                        threads: int | None = None) -> dict:
+def evaluate_checkpoint(
+    path: str | Path,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    split: str = "test",
+    out: str | Path | None = None,
+    batch_size: int | None = None,
+    threads: int | None = None,
+) -> dict:
     """Accuracy and confusion matrix of a checkpoint (``weights_only=True``) on a split.
 
     Runs with ``threads`` intra-op threads (default: the run's ``threads`` setting) and
@@ -74,12 +86,22 @@ def evaluate_checkpoint(path: str | Path, dataset: str | None = None, data_dir: 
         raise ValueError("this run has no validation split (val_fraction = 0)")
     x, y = (splits.test_x, splits.test_y) if split == "test" else (splits.val_x, splits.val_y)
     if tuple(x.shape[1:]) != (model.config.channels[0], *model.config.size):
-        raise ValueError(f"dataset {cfg.dataset} has samples of shape {tuple(x.shape[1:])}, the model takes "
-                         f"{(model.config.channels[0], *model.config.size)}")
+        raise ValueError(
+            f"dataset {cfg.dataset} has samples of shape {tuple(x.shape[1:])}, the model takes "
+            f"{(model.config.channels[0], *model.config.size)}"
+        )
     r = evaluate(model, x, y, batch_size or cfg.eval_batch_size, Dist(), model.config.num_classes)
-    result = {"checkpoint": str(path), "epoch": ckpt["epoch"], "dataset": cfg.dataset, "split": split,
-              "accuracy": r["acc"], "loss": r["loss"], "correct": r["correct"], "n": r["n"],
-              "confusion": r["confusion"]}
+    result = {
+        "checkpoint": str(path),
+        "epoch": ckpt["epoch"],
+        "dataset": cfg.dataset,
+        "split": split,
+        "accuracy": r["acc"],
+        "loss": r["loss"],
+        "correct": r["correct"],
+        "n": r["n"],
+        "confusion": r["confusion"],
+    }
     out_dir = Path(out) if out else Path(path).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "eval.json", json.dumps(result, indent=2) + "\n")

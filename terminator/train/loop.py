@@ -35,8 +35,20 @@ from .evaluation import evaluate
 
 __all__ = ["train", "run_dir", "build_model", "METRIC_FIELDS"]
 
-METRIC_FIELDS = ["epoch", "train_loss", "train_ce", "train_acc", "slow_loss", "val_loss", "val_acc", "lr",
-                 "seconds", "samples_per_s", "train_seconds", "test_acc"]
+METRIC_FIELDS = [
+    "epoch",
+    "train_loss",
+    "train_ce",
+    "train_acc",
+    "slow_loss",
+    "val_loss",
+    "val_acc",
+    "lr",
+    "seconds",
+    "samples_per_s",
+    "train_seconds",
+    "test_acc",
+]
 
 
 def run_dir(cfg: TrainConfig) -> Path:
@@ -51,10 +63,17 @@ def build_model(cfg: TrainConfig, shape: tuple[int, ...], num_classes: int) -> T
     preset, overrides = default_preset(cfg.dataset)
     if cfg.preset and cfg.preset != preset:
         preset, overrides = cfg.preset, {}
-    kwargs = {**overrides, **cfg.model, "size": tuple(shape[1:]), "num_classes": num_classes,
-              "data_dim": len(shape) - 1}
-    kwargs = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
-              for k, v in kwargs.items()}
+    kwargs = {
+        **overrides,
+        **cfg.model,
+        "size": tuple(shape[1:]),
+        "num_classes": num_classes,
+        "data_dim": len(shape) - 1,
+    }
+    kwargs = {
+        k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+        for k, v in kwargs.items()
+    }
     model = Terminator.from_preset(preset, **kwargs)
     if model.config.channels[0] != shape[0]:
         raise ValueError(f"the model takes {model.config.channels[0]} input channels, the data has {shape[0]}")
@@ -151,8 +170,8 @@ def _start(cfg: TrainConfig, d: Dist, out: Path, splits: Splits, model: Terminat
         opt = Kar2(model.parameters(), lr=cfg.lr, beta=cfg.betas[-1])
     per_rank = max(1, cfg.batch_size // d.world)
     sampler = torch.utils.data.distributed.DistributedSampler(
-        range(len(splits.train_y)), num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed,
-        drop_last=True)
+        range(len(splits.train_y)), num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed, drop_last=True
+    )
     steps_per_epoch = max(1, math.ceil(len(sampler) / per_rank))
     total, warmup = steps_per_epoch * cfg.epochs, int(round(cfg.warmup_epochs * steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio))
@@ -176,10 +195,12 @@ def _prepare_run_dir(run: _Run, log) -> None:
         stale.unlink(missing_ok=True)
     write_text_atomic(out / "config.yaml", yaml.safe_dump(run.cfg.to_dict(), sort_keys=False))
     write_csv_atomic(out / "metrics.csv", run.history, METRIC_FIELDS)
-    log(f"run {out}: {run.cfg.dataset} {tuple(splits.shape)} train {len(splits.train_y)} "
+    log(
+        f"run {out}: {run.cfg.dataset} {tuple(splits.shape)} train {len(splits.train_y)} "
         f"val {0 if splits.val_y is None else len(splits.val_y)} test {len(splits.test_y)}; "
         f"{run.model.num_parameters:,} parameters; {run.d.world} process(es) on {run.d.device}; "
-        f"backend {_backend_name()}")
+        f"backend {_backend_name()}"
+    )
 
 
 def _train_epoch(run: _Run, objective: TerminatorLoss, epoch: int) -> dict:
@@ -194,7 +215,7 @@ def _train_epoch(run: _Run, objective: TerminatorLoss, epoch: int) -> dict:
     bar = _progress_bar(len(batches), epoch, cfg) if d.main and cfg.progress else None
     t0 = time.perf_counter()
     for i in batches:
-        b = order[i:i + run.per_rank]
+        b = order[i : i + run.per_rank]
         xb = splits.train_x[b]
         if cfg.augment:
             xb = augment_batch(xb, cfg.shift, cfg.flip, gen)
@@ -206,8 +227,16 @@ def _train_epoch(run: _Run, objective: TerminatorLoss, epoch: int) -> dict:
         run.opt.step()
         run.sched.step()
         n, total = len(b), parts.total.item()
-        sums += torch.tensor([total * n, parts.cross_entropy.item() * n, parts.slow.item() * n,
-                              float((logits.argmax(1) == yb).sum()), n], dtype=torch.float64)
+        sums += torch.tensor(
+            [
+                total * n,
+                parts.cross_entropy.item() * n,
+                parts.slow.item() * n,
+                float((logits.argmax(1) == yb).sum()),
+                n,
+            ],
+            dtype=torch.float64,
+        )
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{total:.3f}", lr=f"{run.sched.get_last_lr()[0]:.2e}")
@@ -217,12 +246,20 @@ def _train_epoch(run: _Run, objective: TerminatorLoss, epoch: int) -> dict:
     seconds = time.perf_counter() - t0
     n = max(float(sums[4]), 1.0)
     previous = (run.history[-1].get("train_seconds") or 0.0) if run.history else 0.0
-    return {"epoch": epoch + 1, "train_loss": float(sums[0]) / n, "train_ce": float(sums[1]) / n,
-            "train_acc": float(sums[3]) / n, "slow_loss": float(sums[2]) / n,
-            "val_loss": float("nan"), "val_acc": float("nan"), "lr": float(run.sched.get_last_lr()[0]),
-            "seconds": seconds, "samples_per_s": n / seconds,
-            # training seconds summed over epochs (and sessions): the x axis of time-to-accuracy
-            "train_seconds": previous + seconds}
+    return {
+        "epoch": epoch + 1,
+        "train_loss": float(sums[0]) / n,
+        "train_ce": float(sums[1]) / n,
+        "train_acc": float(sums[3]) / n,
+        "slow_loss": float(sums[2]) / n,
+        "val_loss": float("nan"),
+        "val_acc": float("nan"),
+        "lr": float(run.sched.get_last_lr()[0]),
+        "seconds": seconds,
+        "samples_per_s": n / seconds,
+        # training seconds summed over epochs (and sessions): the x axis of time-to-accuracy
+        "train_seconds": previous + seconds,
+    }
 
 
 def _progress_bar(total: int, epoch: int, cfg: TrainConfig):
@@ -230,8 +267,7 @@ def _progress_bar(total: int, epoch: int, cfg: TrainConfig):
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
         return None
-    return tqdm(total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
-                dynamic_ncols=True)
+    return tqdm(total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr, dynamic_ncols=True)
 
 
 def _evaluate_epoch(run: _Run, row: dict) -> None:
@@ -240,8 +276,9 @@ def _evaluate_epoch(run: _Run, row: dict) -> None:
         v = evaluate(run.model, splits.val_x, splits.val_y, cfg.eval_batch_size, run.d, splits.num_classes)
         row["val_loss"], row["val_acc"] = v["loss"], v["acc"]
     if cfg.track_test:
-        row["test_acc"] = evaluate(run.model, splits.test_x, splits.test_y, cfg.eval_batch_size, run.d,
-                                   splits.num_classes)["acc"]
+        row["test_acc"] = evaluate(
+            run.model, splits.test_x, splits.test_y, cfg.eval_batch_size, run.d, splits.num_classes
+        )["acc"]
 
 
 def _end_epoch(run: _Run, row: dict, last: bool, log) -> None:
@@ -263,8 +300,10 @@ def _end_epoch(run: _Run, row: dict, last: bool, log) -> None:
         write_csv_atomic(run.out / "metrics.csv", run.history, METRIC_FIELDS)
         val = f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}" if has_val else "no validation split"
         test = f"  test acc {row['test_acc']:.4f}" if run.cfg.track_test else ""
-        log(f"epoch {epoch:>3}/{run.cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
-            f"  {val}{test}  lr {row['lr']:.2e}  {row['seconds']:.1f}s {row['samples_per_s']:.0f}/s")
+        log(
+            f"epoch {epoch:>3}/{run.cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
+            f"  {val}{test}  lr {row['lr']:.2e}  {row['seconds']:.1f}s {row['samples_per_s']:.0f}/s"
+        )
     distributed.barrier(d)
 
 
@@ -274,13 +313,28 @@ def _checkpoint(run: _Run, epoch: int) -> dict:
         rngs = [None] * run.d.world
         torch.distributed.all_gather_object(rngs, rng_state())
     splits, model = run.splits, run.model
-    data = {"mean": splits.mean, "std": splits.std, "num_classes": splits.num_classes,
-            "shape": list(splits.shape), "info": dict(splits.info)}
-    return {"format": CHECKPOINT_FORMAT, "epoch": epoch, "config": run.cfg.to_dict(),
-            "model_config": _plain(dataclasses.asdict(model.config)), "model": model.state_dict(),
-            "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(), "rng": rngs,
-            "history": run.history, "best": run.best, "data": data, "world_size": run.d.world,
-            "parameters": model.num_parameters}
+    data = {
+        "mean": splits.mean,
+        "std": splits.std,
+        "num_classes": splits.num_classes,
+        "shape": list(splits.shape),
+        "info": dict(splits.info),
+    }
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "epoch": epoch,
+        "config": run.cfg.to_dict(),
+        "model_config": _plain(dataclasses.asdict(model.config)),
+        "model": model.state_dict(),
+        "optimizer": run.opt.state_dict(),
+        "scheduler": run.sched.state_dict(),
+        "rng": rngs,
+        "history": run.history,
+        "best": run.best,
+        "data": data,
+        "world_size": run.d.world,
+        "parameters": model.num_parameters,
+    }
 
 
 def _plain(v):
@@ -301,14 +355,24 @@ def _finish(run: _Run, session_seconds: float, log) -> dict:
         model.load_state_dict(load_checkpoint(best_path)["model"])
     test = evaluate(model, splits.test_x, splits.test_y, cfg.eval_batch_size, d, splits.num_classes)
     param_diff = distributed.max_param_diff(model, d)  # every rank must hold the same parameters
-    result = {"dataset": cfg.dataset, "preset": cfg.preset or default_preset(cfg.dataset)[0],
-              "test_acc": test["acc"], "test_loss": test["loss"], "test_correct": test["correct"],
-              "test_n": test["n"], "best_epoch": run.best["epoch"],
-              "best_val_acc": run.best["metric"] if splits.val_y is not None else None,
-              "epochs": cfg.epochs, "epochs_done": len(run.history), "parameters": model.num_parameters,
-              "world_size": d.world, "train_seconds": run.history[-1]["train_seconds"] if run.history else 0.0,
-              "run": str(out), "confusion": test["confusion"],
-              "diagnostics": {"session_seconds": session_seconds, "ddp_max_param_diff": param_diff}}
+    result = {
+        "dataset": cfg.dataset,
+        "preset": cfg.preset or default_preset(cfg.dataset)[0],
+        "test_acc": test["acc"],
+        "test_loss": test["loss"],
+        "test_correct": test["correct"],
+        "test_n": test["n"],
+        "best_epoch": run.best["epoch"],
+        "best_val_acc": run.best["metric"] if splits.val_y is not None else None,
+        "epochs": cfg.epochs,
+        "epochs_done": len(run.history),
+        "parameters": model.num_parameters,
+        "world_size": d.world,
+        "train_seconds": run.history[-1]["train_seconds"] if run.history else 0.0,
+        "run": str(out),
+        "confusion": test["confusion"],
+        "diagnostics": {"session_seconds": session_seconds, "ddp_max_param_diff": param_diff},
+    }
     if d.main:
         write_text_atomic(out / "results.json", json.dumps(result, indent=2) + "\n")
         if cfg.plots:

@@ -148,8 +148,9 @@ def read_metrics(path: str | Path) -> list[dict]:
         return [{k: float(v) if _finite(v) else float("nan") for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def plot_time_to_accuracy(runs: dict[str, str | Path], path: Path, targets: tuple[float, ...] = (),
-                          y_min: float | None = None) -> None:
+def plot_time_to_accuracy(
+    runs: dict[str, str | Path], path: Path, targets: tuple[float, ...] = (), y_min: float | None = None
+) -> None:
     """Test accuracy after each epoch against training seconds, one line per run.
 
     ``runs``: label → metrics.csv holding ``train_seconds`` and ``test_acc`` columns.
@@ -157,8 +158,11 @@ def plot_time_to_accuracy(runs: dict[str, str | Path], path: Path, targets: tupl
     """
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for label, csv_path in runs.items():
-        pts = [(r["train_seconds"] / 60, r["test_acc"]) for r in read_metrics(csv_path)
-               if _finite(r.get("train_seconds")) and _finite(r.get("test_acc"))]
+        pts = [
+            (r["train_seconds"] / 60, r["test_acc"])
+            for r in read_metrics(csv_path)
+            if _finite(r.get("train_seconds")) and _finite(r.get("test_acc"))
+        ]
         if pts:
             ax.plot(*zip(*pts), marker="o", markersize=3, label=label)
     for t in targets:

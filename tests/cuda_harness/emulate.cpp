@@ -17,15 +17,15 @@
 //     ran), correlate_plan / weight_grad_plan (launch shapes without running).
 //
 // Built by tests/test_cuda_kernels.py with torch.utils.cpp_extension.load.
-#include "device/device_kernels.h"
-#include "ops_impl.h"
-
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include <cstring>
 #include <string>
 #include <vector>
+
+#include "device/device_kernels.h"
+#include "ops_impl.h"
 
 namespace terminator {
 namespace emulation {
@@ -59,8 +59,8 @@ void check_launch(const char* name, const LaunchConfig& cfg) {
   TORCH_CHECK(b.x <= 1024 && b.y <= 1024 && b.z <= 64, name, ": block dims over CUDA's limits");
   TORCH_CHECK(cfg.grid.x >= 1 && cfg.grid.x <= kMaxGridX && cfg.grid.y == 1 && cfg.grid.z == 1,
               name, ": invalid grid (", cfg.grid.x, ", ", cfg.grid.y, ", ", cfg.grid.z, ")");
-  TORCH_CHECK(cfg.shared_bytes >= 0 && cfg.shared_bytes <= kMaxStaticSharedBytes, name,
-              ": ", cfg.shared_bytes, " bytes of shared memory");
+  TORCH_CHECK(cfg.shared_bytes >= 0 && cfg.shared_bytes <= kMaxStaticSharedBytes, name, ": ",
+              cfg.shared_bytes, " bytes of shared memory");
   launch_log().emplace_back(name);
 }
 
@@ -158,8 +158,10 @@ struct EmulatedLauncher {
     using acc_t = at::opmath_type<scalar_t>;
     run_blocks<acc_t>("correlate_tiled", cfg, [&](const auto& threads, acc_t* shared) {
       for (int64_t item = threads[0].block.x; item < p.items; item += cfg.grid.x) {
-        each_thread(threads, [&](const ThreadContext& t) { correlate_tile_load(p, t, item, shared); });
-        each_thread(threads, [&](const ThreadContext& t) { correlate_tile_compute(p, t, item, shared); });
+        each_thread(threads,
+                    [&](const ThreadContext& t) { correlate_tile_load(p, t, item, shared); });
+        each_thread(threads,
+                    [&](const ThreadContext& t) { correlate_tile_compute(p, t, item, shared); });
       }
     });
   }
@@ -177,11 +179,14 @@ struct EmulatedLauncher {
     run_blocks<acc_t>("weight_grad", cfg, [&](const auto& threads, acc_t* shared) {
       const int64_t block_threads = threads[0].block_threads();
       for (int64_t item = threads[0].block.x; item < p.items; item += cfg.grid.x) {
-        each_thread(threads, [&](const ThreadContext& t) { weight_grad_accumulate(p, t, item, shared); });
+        each_thread(threads,
+                    [&](const ThreadContext& t) { weight_grad_accumulate(p, t, item, shared); });
         for (int64_t stride = block_threads / 2; stride > 0; stride /= 2) {
-          each_thread(threads, [&](const ThreadContext& t) { block_reduce_step(t, stride, shared); });
+          each_thread(threads,
+                      [&](const ThreadContext& t) { block_reduce_step(t, stride, shared); });
         }
-        each_thread(threads, [&](const ThreadContext& t) { weight_grad_store(p, t, item, shared); });
+        each_thread(threads,
+                    [&](const ThreadContext& t) { weight_grad_store(p, t, item, shared); });
       }
     });
   }
@@ -280,19 +285,21 @@ TORCH_LIBRARY(terminator_emulated, m) {
   // The public ops, same schema as TORCH_LIBRARY(terminator) in csrc/terminator.cpp.
   m.def("hyperzzw_global(Tensor k, Tensor z, Tensor? x, str mode) -> Tensor",
         &EmulatedOps::hyperzzw_global);
-  m.def("hyperzzw_global_backward(Tensor grad_y, Tensor k, Tensor z, Tensor? x, str mode)"
-        " -> (Tensor, Tensor, Tensor)",
-        &EmulatedOps::hyperzzw_global_backward);
-  m.def("hyperkernel_conv(Tensor x, Tensor w, str algo) -> Tensor",
-        &EmulatedOps::hyperkernel_conv);
-  m.def("hyperkernel_conv_backward(Tensor grad_y, Tensor x, Tensor w, str algo)"
-        " -> (Tensor, Tensor)",
-        &EmulatedOps::hyperkernel_conv_backward);
+  m.def(
+      "hyperzzw_global_backward(Tensor grad_y, Tensor k, Tensor z, Tensor? x, str mode)"
+      " -> (Tensor, Tensor, Tensor)",
+      &EmulatedOps::hyperzzw_global_backward);
+  m.def("hyperkernel_conv(Tensor x, Tensor w, str algo) -> Tensor", &EmulatedOps::hyperkernel_conv);
+  m.def(
+      "hyperkernel_conv_backward(Tensor grad_y, Tensor x, Tensor w, str algo)"
+      " -> (Tensor, Tensor)",
+      &EmulatedOps::hyperkernel_conv_backward);
   // The Kernels functions of ops_impl.h.
   m.def("global_dot_forward(Tensor k, Tensor z, Tensor? x) -> Tensor", &global_dot_forward_op);
-  m.def("global_dot_backward(Tensor grad_y, Tensor k, Tensor z, Tensor? x)"
-        " -> (Tensor, Tensor, Tensor)",
-        &global_dot_backward_op);
+  m.def(
+      "global_dot_backward(Tensor grad_y, Tensor k, Tensor z, Tensor? x)"
+      " -> (Tensor, Tensor, Tensor)",
+      &global_dot_backward_op);
   m.def("conv_direct_forward(Tensor x, Tensor w) -> Tensor", &conv_direct_forward_op);
   m.def("conv_direct_input_grad(Tensor grad_y, Tensor w) -> Tensor", &conv_direct_input_grad_op);
   m.def("conv_direct_weight_grad(Tensor grad_y, Tensor x, Tensor w) -> Tensor",
@@ -304,9 +311,10 @@ TORCH_LIBRARY(terminator_emulated, m) {
   m.def("clear_launch_log() -> ()", &clear_launch_log);
   m.def("correlate_plan(int planes, int H, int W, int Kh, int Kw, int acc_bytes) -> int[]",
         &correlate_plan);
-  m.def("weight_grad_plan(int B, int C, int H, int W, int Kh, int Kw, bool shared,"
-        " int acc_bytes) -> int[]",
-        &weight_grad_plan);
+  m.def(
+      "weight_grad_plan(int B, int C, int H, int W, int Kh, int Kw, bool shared,"
+      " int acc_bytes) -> int[]",
+      &weight_grad_plan);
 }
 
 }  // namespace terminator

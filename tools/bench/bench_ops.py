@@ -87,8 +87,9 @@ def _global_case(mode: str, batch: int, channels: int, spatial: tuple[int, ...])
     )
 
 
-def _hkconv_case(batch: int, channels: int, spatial: tuple[int, ...], ksize: int, shared: bool,
-                 algo: str = "auto") -> Case:
+def _hkconv_case(
+    batch: int, channels: int, spatial: tuple[int, ...], ksize: int, shared: bool, algo: str = "auto"
+) -> Case:
     kernel = tuple(min(ksize, s) for s in spatial)
 
     def make():
@@ -254,14 +255,16 @@ def balanced_orders(n: int) -> list[list[int]]:
     return orders + [order[::-1] for order in orders] if n % 2 else orders
 
 
-def time_interleaved(impls: dict[str, Callable[[], None]], repeats: int, warmup: int,
-                     budget: float) -> dict[str, float]:
+def time_interleaved(
+    impls: dict[str, Callable[[], None]], repeats: int, warmup: int, budget: float
+) -> dict[str, float]:
     """Median seconds per call (of time_rounds)."""
     return {name: statistics.median(s) for name, s in time_rounds(impls, repeats, warmup, budget).items()}
 
 
-def time_rounds(impls: dict[str, Callable[[], None]], repeats: int, warmup: int,
-                budget: float) -> dict[str, list[float]]:
+def time_rounds(
+    impls: dict[str, Callable[[], None]], repeats: int, warmup: int, budget: float
+) -> dict[str, list[float]]:
     """Seconds of each call, one list per implementation, entry r from round r;
     fewer repeats (at least 3) when a round exceeds the budget.
 
@@ -357,8 +360,9 @@ def memory_worker(cases: list[Case], args) -> dict[str, dict[str, float | None]]
 
 def measure_memory(argv: list[str]) -> dict[str, dict[str, float | None]]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    out = subprocess.run([sys.executable, __file__, *argv, "--memory-worker"], env=env,
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, *argv, "--memory-worker"], env=env, capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -366,8 +370,10 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-HEADER = (f"{'case':<52} {'phase':<6} {'ours ms':>8} {'eager ms':>9} {'comp ms':>8} "
-          f"{'x eager':>7} {'x comp':>7} {'%copy':>6} {'peak MB ours/eager':>19} {'other':>20}")
+HEADER = (
+    f"{'case':<52} {'phase':<6} {'ours ms':>8} {'eager ms':>9} {'comp ms':>8} "
+    f"{'x eager':>7} {'x comp':>7} {'%copy':>6} {'peak MB ours/eager':>19} {'other':>20}"
+)
 
 
 def load_results(path: Path) -> tuple[dict, list[dict]]:
@@ -390,8 +396,10 @@ def print_run(results: list[dict], bandwidth: float, allocator: str | None) -> l
 
 
 def print_table(results: list[dict], bandwidth: float) -> None:
-    print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read+write, 256 MB, at the start; %copy is "
-          "against a copy of the same bytes timed in the same rounds)")
+    print(
+        f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read+write, 256 MB, at the start; %copy is "
+        "against a copy of the same bytes timed in the same rounds)"
+    )
     print(HEADER)
     print("-" * len(HEADER))
     for r in results:
@@ -404,14 +412,16 @@ def print_rows(r: dict, file=None) -> None:
         t = r[phase]
         ours, eager, comp = t["ours"], t["eager"], t.get("compiled")
         frac = t["copy"] / ours * 100 if "copy" in t else None  # a copy of the same bytes, same rounds
-        others = " ".join(f"{k} x{t[k] / ours:.2f}" for k in t
-                          if k not in ("ours", "eager", "compiled", "copy"))
+        others = " ".join(f"{k} x{t[k] / ours:.2f}" for k in t if k not in ("ours", "eager", "compiled", "copy"))
         peak = r.get("peak_mb", {})
-        peak_s = (f"{_fmt(peak.get('ours'), '.0f')}/{_fmt(peak.get('eager'), '.0f')}"
-                  if phase == "fwdbwd" else "")
-        print(f"{r['name']:<52} {phase:<6} {ours:8.2f} {eager:9.2f} {_fmt(comp, '8.2f')} "
-              f"{eager / ours:7.2f} {_fmt(comp / ours if comp else None, '7.2f')} {_fmt(frac, '6.0f')} "
-              f"{peak_s:>19} {others:>20}", file=file, flush=True)
+        peak_s = f"{_fmt(peak.get('ours'), '.0f')}/{_fmt(peak.get('eager'), '.0f')}" if phase == "fwdbwd" else ""
+        print(
+            f"{r['name']:<52} {phase:<6} {ours:8.2f} {eager:9.2f} {_fmt(comp, '8.2f')} "
+            f"{eager / ours:7.2f} {_fmt(comp / ours if comp else None, '7.2f')} {_fmt(frac, '6.0f')} "
+            f"{peak_s:>19} {others:>20}",
+            file=file,
+            flush=True,
+        )
 
 
 # ---- the issue's targets ------------------------------------------------------------------
@@ -466,9 +476,9 @@ def evaluate_targets(results: list[dict]) -> list[dict]:
     label, q1, q3; None where the results hold no per-round times). A target is judged on
     the values alone; `near` names the values whose range holds the threshold, i.e. the
     ones on which a rerun may well judge otherwise."""
+
     def by(op: str, **want) -> list[dict]:
-        return [r for r in results if r["tags"].get("op") == op
-                and all(r["tags"].get(k) in v for k, v in want.items())]
+        return [r for r in results if r["tags"].get("op") == op and all(r["tags"].get(k) in v for k, v in want.items())]
 
     dot = by("dot")
     per_sample = by("hkconv", shared=[False], algo=["auto"])
@@ -478,14 +488,26 @@ def evaluate_targets(results: list[dict]) -> list[dict]:
         ("dot >= 60 % of a same-size copy", 0.60, dot, "copy"),
         ("global conv >= 4x eager (2D 28x28, 1D 784)", 4.0, by("conv", spatial=[(28, 28), (784,)]), "eager"),
         ("matmul >= 1.5x eager", 1.5, by("matmul"), "eager"),
-        ("per-sample kernels of 7 (7x7, 1D 7) >= 8x eager", 8.0,
-         [r for r in per_sample if r["tags"]["ksize"] == 7], "eager"),
-        ("per-sample kernels of 3, 5, 9 (2D and 1D) >= 5x eager", 5.0,
-         [r for r in per_sample if r["tags"]["ksize"] in (3, 5, 9)], "eager"),
+        (
+            "per-sample kernels of 7 (7x7, 1D 7) >= 8x eager",
+            8.0,
+            [r for r in per_sample if r["tags"]["ksize"] == 7],
+            "eager",
+        ),
+        (
+            "per-sample kernels of 3, 5, 9 (2D and 1D) >= 5x eager",
+            5.0,
+            [r for r in per_sample if r["tags"]["ksize"] in (3, 5, 9)],
+            "eager",
+        ),
         ("shared kernels no slower than F.conv(groups=C)", 1.0, by("hkconv", shared=[True]), "F.conv groups=C"),
         # auto within 10 % of the better of direct and fft, timed in the same rounds.
-        ("algo='auto' within 10 % of the better of direct and fft", 1 / 1.10, by("hkconv", algo=["auto"]),
-         _better_of_direct_and_fft),
+        (
+            "algo='auto' within 10 % of the better of direct and fft",
+            1 / 1.10,
+            by("hkconv", algo=["auto"]),
+            _better_of_direct_and_fft,
+        ),
     ]
     out = []
     for target, threshold, cases, comparator in rows:
@@ -496,10 +518,21 @@ def evaluate_targets(results: list[dict]) -> list[dict]:
             spreads = []
         met = all(v >= threshold for _, v in values) if values else None
         near = [label for label, q1, q3 in spreads if q1 < threshold <= q3]
-        out.append({"target": target, "threshold": threshold, "values": values, "met": met,
-                    "spreads": spreads or None, "near": near})
-        at_copy_speed = [(_label(r), r["fwdbwd"]["eager"] / r["fwdbwd"]["copy"]) for r, _ in measured
-                         if comparator == "eager" and "copy" in r["fwdbwd"]]
+        out.append(
+            {
+                "target": target,
+                "threshold": threshold,
+                "values": values,
+                "met": met,
+                "spreads": spreads or None,
+                "near": near,
+            }
+        )
+        at_copy_speed = [
+            (_label(r), r["fwdbwd"]["eager"] / r["fwdbwd"]["copy"])
+            for r, _ in measured
+            if comparator == "eager" and "copy" in r["fwdbwd"]
+        ]
         if at_copy_speed:
             # What a kernel moving its bytes at a same-size copy's speed would reach against
             # eager (memory-bound cases): a threshold above it asks more than the memory gives.
@@ -507,19 +540,31 @@ def evaluate_targets(results: list[dict]) -> list[dict]:
         if comparator is _better_of_direct_and_fft and all("auto_runs" in r for r, _ in measured):
             # auto runs one of the two kernels it is timed against, so its ratio is partly
             # one kernel timed twice; the algorithm it ran tells whether it chose well.
-            out[-1]["choices"] = [(_label(r), r["auto_runs"], _faster_of_direct_and_fft(r["fwdbwd"]))
-                                  for r, _ in measured]
+            out[-1]["choices"] = [
+                (_label(r), r["auto_runs"], _faster_of_direct_and_fft(r["fwdbwd"])) for r, _ in measured
+            ]
     # Peak memory: ours <= eager, in MB (a ratio would divide by a 0 MB peak on tiny shapes).
-    peaks = [(r["name"], r["peak_mb"]["ours"], r["peak_mb"]["eager"]) for r in results
-             if r.get("peak_mb", {}).get("ours") is not None and r["peak_mb"].get("eager") is not None]
-    out.append({"target": "peak memory of forward+backward <= eager", "threshold": None,
-                "values": peaks, "met": all(o <= e for _, o, e in peaks) if peaks else None})
+    peaks = [
+        (r["name"], r["peak_mb"]["ours"], r["peak_mb"]["eager"])
+        for r in results
+        if r.get("peak_mb", {}).get("ours") is not None and r["peak_mb"].get("eager") is not None
+    ]
+    out.append(
+        {
+            "target": "peak memory of forward+backward <= eager",
+            "threshold": None,
+            "values": peaks,
+            "met": all(o <= e for _, o, e in peaks) if peaks else None,
+        }
+    )
     return out
 
 
 def print_targets(targets: list[dict]) -> None:
-    print("targets (forward+backward; ratio = comparator's time / ours, of the medians, met at or above "
-          "the threshold; in brackets the interquartile range of the ratio taken round by round):")
+    print(
+        "targets (forward+backward; ratio = comparator's time / ours, of the medians, met at or above "
+        "the threshold; in brackets the interquartile range of the ratio taken round by round):"
+    )
     for t in targets:
         status = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
         if t["threshold"] is None:  # peak memory: one line per case would drown the rest
@@ -528,15 +573,24 @@ def print_targets(targets: list[dict]) -> None:
             print(f"  {status:<7} {t['target']}: {shown}")
             continue
         spreads = {label: (q1, q3) for label, q1, q3 in t["spreads"] or []}
-        shown = ", ".join(f"{label} {v:.2f}" + (" [{:.2f}-{:.2f}]".format(*spreads[label]) if label in spreads else "")
-                          for label, v in t["values"]) or "no case in this run"
+        shown = (
+            ", ".join(
+                f"{label} {v:.2f}" + (" [{:.2f}-{:.2f}]".format(*spreads[label]) if label in spreads else "")
+                for label, v in t["values"]
+            )
+            or "no case in this run"
+        )
         print(f"  {status:<7} {t['target']} (>= {t['threshold']:.2f}): {shown}")
         if t["near"]:
-            print(f"          threshold inside the round-to-round range, a rerun may judge otherwise: "
-                  f"{', '.join(t['near'])}")
+            print(
+                f"          threshold inside the round-to-round range, a rerun may judge otherwise: "
+                f"{', '.join(t['near'])}"
+            )
         if t.get("at_copy_speed"):
-            print("          at a same-size copy's speed it would be: "
-                  + ", ".join(f"{label} {v:.2f}" for label, v in t["at_copy_speed"]))
+            print(
+                "          at a same-size copy's speed it would be: "
+                + ", ".join(f"{label} {v:.2f}" for label, v in t["at_copy_speed"])
+            )
         if t.get("choices"):
             print("          " + describe_auto_choices(t["choices"]))
 
@@ -546,8 +600,11 @@ def describe_auto_choices(choices: list[tuple[str, str | None, str]]) -> str:
     wrong = [f"{label} ran {ran}, {faster} faster" for label, ran, faster in choices if ran and ran != faster]
     unknown = [label for label, ran, _ in choices if ran is None]
     ran = sorted({ran for _, ran, _ in choices if ran})
-    line = ("auto ran the faster of direct and fft at every size" if not wrong and not unknown else
-            "; ".join(filter(None, [", ".join(wrong), unknown and f"not told: {', '.join(unknown)}"])))
+    line = (
+        "auto ran the faster of direct and fft at every size"
+        if not wrong and not unknown
+        else "; ".join(filter(None, [", ".join(wrong), unknown and f"not told: {', '.join(unknown)}"]))
+    )
     return f"{line} (ran: {', '.join(ran) or 'unknown'}; told by its output, bitwise)"
 
 
@@ -572,16 +629,16 @@ def indifference_constant(spatial: tuple[int, ...], ksize: int) -> float:
     same: below it, algo="auto" runs the FFT."""
     kernel = [min(ksize, s) for s in spatial]
     work = math.prod(spatial) * math.prod(kernel)
-    points = math.prod(1 if s == 1 else good_fft_size(s + kk - 1 - (kk - 1) // 2)
-                       for s, kk in zip(spatial, kernel))
+    points = math.prod(1 if s == 1 else good_fft_size(s + kk - 1 - (kk - 1) // 2) for s, kk in zip(spatial, kernel))
     return work / (points * math.log2(points + 1))
 
 
 def time_lost(rows: list[dict], constant: float) -> float:
     """How much slower than the faster algorithm the model's choices with this constant
     run, summed over the measured pairs (each pair's excess relative to its faster time)."""
-    return sum((r["fft"] if constant < r["indifferent"] else r["direct"]) / min(r["fft"], r["direct"]) - 1
-               for r in rows)
+    return sum(
+        (r["fft"] if constant < r["indifferent"] else r["direct"]) / min(r["fft"], r["direct"]) - 1 for r in rows
+    )
 
 
 def crossover_group(row: dict) -> tuple[str, int]:
@@ -610,8 +667,11 @@ def crossover_shapes(tiny: bool) -> list[tuple[tuple[int, ...], tuple[int, ...]]
     """(spatial size, kernel sizes): up to the input size, as large as a global conv's."""
     if tiny:
         return [((8, 8), (3, 8)), ((16,), (3, 16))]
-    return [((28, 28), (3, 7, 11, 15, 19, 23, 27, 28)), ((64, 64), (5, 13, 21, 29, 41, 53, 63, 64)),
-            ((784,), (9, 63, 127, 255, 511, 783, 784))]
+    return [
+        ((28, 28), (3, 7, 11, 15, 19, 23, 27, 28)),
+        ((64, 64), (5, 13, 21, 29, 41, 53, 63, 64)),
+        ((784,), (9, 63, 127, 255, 511, 783, 784)),
+    ]
 
 
 def measure_crossover(args) -> dict[tuple[str, int], float]:
@@ -626,21 +686,31 @@ def measure_crossover(args) -> dict[tuple[str, int], float]:
             for k in sizes:
                 impls = {}
                 for algo in ("direct", "fft"):
-                    case = _hkconv_case(batch, 4 if args.tiny else 36, spatial, k, shared=kernel == "shared",
-                                        algo=algo)
+                    case = _hkconv_case(batch, 4 if args.tiny else 36, spatial, k, shared=kernel == "shared", algo=algo)
                     impls[algo] = functools.partial(_fwdbwd, case.ours, case.make())
                 times = time_interleaved(impls, args.repeats, args.warmup, args.budget)
-                rows.append({"kernel": kernel, "spatial": spatial, "ksize": k, **times,
-                             "indifferent": indifference_constant(spatial, k)})
+                rows.append(
+                    {
+                        "kernel": kernel,
+                        "spatial": spatial,
+                        "ksize": k,
+                        **times,
+                        "indifferent": indifference_constant(spatial, k),
+                    }
+                )
                 size = "x".join(map(str, spatial))
-                print(f"{kernel:>10} {size:>6} K={k:<4} direct {times['direct'] * 1e3:8.2f} ms  "
-                      f"fft {times['fft'] * 1e3:8.2f} ms  (the model is indifferent at {rows[-1]['indifferent']:6.2f})",
-                      flush=True)
+                print(
+                    f"{kernel:>10} {size:>6} K={k:<4} direct {times['direct'] * 1e3:8.2f} ms  "
+                    f"fft {times['fft'] * 1e3:8.2f} ms  (the model is indifferent at {rows[-1]['indifferent']:6.2f})",
+                    flush=True,
+                )
     fitted = fit_fft_cost(rows)
     for (kernel, dims), constant in fitted.items():
         mine = [r for r in rows if crossover_group(r) == (kernel, dims)]
-        print(f"kFftCostPerPoint, {kernel} kernels, {dims}D: {constant:.2f} "
-              f"(time lost to wrong choices: {100 * time_lost(mine, constant):.0f} % of a pair's time, summed)")
+        print(
+            f"kFftCostPerPoint, {kernel} kernels, {dims}D: {constant:.2f} "
+            f"(time lost to wrong choices: {100 * time_lost(mine, constant):.0f} % of a pair's time, summed)"
+        )
     return fitted
 
 
@@ -655,17 +725,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
     parser.add_argument("--json", type=Path, default=Path("docs/bench_ops.json"))
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory worker")
-    parser.add_argument("--default-malloc", action="store_true",
-                        help="leave glibc's adaptive mmap and trim thresholds as they are")
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="leave glibc's adaptive mmap and trim thresholds as they are"
+    )
     parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--crossover", action="store_true", help="fit algo=auto's direct/FFT crossover")
-    parser.add_argument("--report", type=Path, metavar="JSON",
-                        help="measure nothing: print a saved run's table and its targets judged again")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        metavar="JSON",
+        help="measure nothing: print a saved run's table and its targets judged again",
+    )
     args = parser.parse_args(argv)
     if args.report:
         meta, results = load_results(args.report)
-        print(f"saved run: {meta.get('date')}, torch {meta.get('torch')}, {meta.get('threads')} threads, "
-              f"backend {meta.get('backend')}")
+        print(
+            f"saved run: {meta.get('date')}, torch {meta.get('torch')}, {meta.get('threads')} threads, "
+            f"backend {meta.get('backend')}"
+        )
         print_run(results, meta["copy_bandwidth_GBps"] * 1e9, meta.get("allocator"))
         return 0
 
@@ -694,9 +771,14 @@ def main(argv: list[str] | None = None) -> int:
             r["peak_mb"] = peaks[r["name"]]
     targets = print_run(results, bandwidth, allocator)
     meta = {
-        "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "threads": args.threads,
-        "torch": torch.__version__, "backend": str(terminator.ops.backend()), "repeats": args.repeats,
-        "copy_bandwidth_GBps": bandwidth / 1e9, "allocator": allocator,
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "backend": str(terminator.ops.backend()),
+        "repeats": args.repeats,
+        "copy_bandwidth_GBps": bandwidth / 1e9,
+        "allocator": allocator,
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -37,12 +37,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's terminator and test helpers
 
-import terminator.ops as ops  # noqa: E402
 from helpers import TOLERANCES, kernel_shape, reference_and_scale, run_with_grads  # noqa: E402
+
+import terminator.ops as ops  # noqa: E402
 from terminator.ops import reference  # noqa: E402
 
-DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
-          "bfloat16": torch.bfloat16}
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # ---- 1. error against the float64 reference ------------------------------------------
@@ -57,15 +57,19 @@ def _op_cases(quick: bool):
     def glob(mode, form, has_x):
         ours = lambda k, z, x: ops.hyperzzw_global(k, z, x, mode=mode)  # noqa: E731
         ref = lambda k, z, x: reference.hyperzzw_global(k, z, x, mode=mode)  # noqa: E731
+
         def shapes(b, c, s):
             return [kernel_shape(form, b, c, s), (b, c, *s), (b, c, *s) if has_x else None]
+
         return ours, ref, shapes
 
     def conv(algo, size, form):
         ours = lambda x, w: ops.hyperkernel_conv(x, w, algo=algo)  # noqa: E731
+
         def shapes(b, c, s):
             k = tuple(s) if size == "full" else tuple(min(size, n) for n in s)
             return [(b, c, *s), kernel_shape(form, b, c, k)]
+
         return ours, reference.conv_same, shapes
 
     yield "global dot, k (C,*S), x=None", *glob("dot", "C", False), sizes
@@ -89,8 +93,10 @@ def measure_errors(quick: bool, seeds: int) -> list[dict]:
             for b, c, s in sizes:
                 for seed in range(seeds):
                     gen = torch.Generator().manual_seed(seed)
-                    tensors = [torch.randn(sh, generator=gen, dtype=torch.float64).to(dtype) if sh else None
-                               for sh in shapes_of(b, c, s)]
+                    tensors = [
+                        torch.randn(sh, generator=gen, dtype=torch.float64).to(dtype) if sh else None
+                        for sh in shapes_of(b, c, s)
+                    ]
                     grad_y = torch.randn((b, c, *s), generator=gen, dtype=torch.float64).to(dtype)
                     actual = run_with_grads(ours, tensors, grad_y)
                     expected, scale = reference_and_scale(ref, tensors, grad_y)
@@ -108,9 +114,12 @@ def measure_errors(quick: bool, seeds: int) -> list[dict]:
                         worst[f"{part}_abs"] = max(worst[f"{part}_abs"], float(err.max()) / max(smax, 1e-300))
                         worst[f"{part}_use"] = max(worst[f"{part}_use"], float((err / bound).max()))
             rows.append({"op": label, "dtype": dname, **worst})
-            print(f"  {label:38s} {dname:9s} out: rel {worst['output_rel']:.2e} abs {worst['output_abs']:.2e} "
-                  f"use {worst['output_use']:.3f} | grads: rel {worst['grads_rel']:.2e} abs {worst['grads_abs']:.2e} "
-                  f"use {worst['grads_use']:.3f}", flush=True)
+            print(
+                f"  {label:38s} {dname:9s} out: rel {worst['output_rel']:.2e} abs {worst['output_abs']:.2e} "
+                f"use {worst['output_use']:.3f} | grads: rel {worst['grads_rel']:.2e} abs {worst['grads_abs']:.2e} "
+                f"use {worst['grads_use']:.3f}",
+                flush=True,
+            )
     return rows
 
 
@@ -142,15 +151,23 @@ def measure_fft_growth(quick: bool) -> list[dict]:
             ref_fn = (lambda a, b: ops.hyperkernel_conv(a, b, algo="direct")) if big else reference.conv_same
             ref = ref_fn(x.double(), w.double())
             scale = float(ref_fn(x.double().abs(), w.double().abs()).max())
-            row = {"dtype": dname, "size": "x".join(map(str, spatial)), "kernel": "x".join(map(str, kernel)),
-                   "reference": "ours, direct, float64" if big else "F.conv, float64",
-                   "fft_vs_ref": float((fft - ref).abs().max()) / scale,
-                   "direct_vs_ref": float((direct - ref).abs().max()) / scale,
-                   "fft_vs_direct": float((fft - direct).abs().max()) / scale,
-                   "fft_ms": (t1 - t0) * 1e3, "direct_ms": (t2 - t1) * 1e3}
+            row = {
+                "dtype": dname,
+                "size": "x".join(map(str, spatial)),
+                "kernel": "x".join(map(str, kernel)),
+                "reference": "ours, direct, float64" if big else "F.conv, float64",
+                "fft_vs_ref": float((fft - ref).abs().max()) / scale,
+                "direct_vs_ref": float((direct - ref).abs().max()) / scale,
+                "fft_vs_direct": float((fft - direct).abs().max()) / scale,
+                "fft_ms": (t1 - t0) * 1e3,
+                "direct_ms": (t2 - t1) * 1e3,
+            }
             rows.append(row)
-            print(f"  {dname:9s} S={row['size']:9s} K={row['kernel']:9s} fft-ref {row['fft_vs_ref']:.2e} "
-                  f"direct-ref {row['direct_vs_ref']:.2e} fft-direct {row['fft_vs_direct']:.2e}", flush=True)
+            print(
+                f"  {dname:9s} S={row['size']:9s} K={row['kernel']:9s} fft-ref {row['fft_vs_ref']:.2e} "
+                f"direct-ref {row['direct_vs_ref']:.2e} fft-direct {row['fft_vs_direct']:.2e}",
+                flush=True,
+            )
     return rows
 
 
@@ -163,8 +180,12 @@ def measure_threads(threads=(1, 2, 3, 4), dtypes=("float32", "float64", "bfloat1
     for dname in dtypes:
         runs = {}
         for n in threads:
-            out = subprocess.run([sys.executable, str(script), "--threads", str(n), "--dtype", dname],
-                                 capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(n)))
+            out = subprocess.run(
+                [sys.executable, str(script), "--threads", str(n), "--dtype", dname],
+                capture_output=True,
+                text=True,
+                env=dict(os.environ, OMP_NUM_THREADS=str(n)),
+            )
             if out.returncode:  # e.g. the compiled backend did not build in the child
                 raise RuntimeError(out.stderr[-2000:])
             runs[n] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -184,18 +205,24 @@ def _fmt(v: float) -> str:
 
 
 def error_table(rows: list[dict]) -> str:
-    lines = ["| op | dtype | output err/scale | output err/max(scale) | output bound used | "
-             "grads err/scale | grads err/max(scale) | grads bound used |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| op | dtype | output err/scale | output err/max(scale) | output bound used | "
+        "grads err/scale | grads err/max(scale) | grads bound used |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['op']} | {r['dtype']} | {_fmt(r['output_rel'])} | {_fmt(r['output_abs'])} | "
-                     f"{r['output_use']:.3f} | {_fmt(r['grads_rel'])} | {_fmt(r['grads_abs'])} | {r['grads_use']:.3f} |")
+        lines.append(
+            f"| {r['op']} | {r['dtype']} | {_fmt(r['output_rel'])} | {_fmt(r['output_abs'])} | "
+            f"{r['output_use']:.3f} | {_fmt(r['grads_rel'])} | {_fmt(r['grads_abs'])} | {r['grads_use']:.3f} |"
+        )
     return "\n".join(lines)
 
 
 def summary_table(rows: list[dict]) -> str:
-    lines = ["| dtype | rtol, atol (tests/helpers.py) | worst err/max(scale) | worst bound used | by |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| dtype | rtol, atol (tests/helpers.py) | worst err/max(scale) | worst bound used | by |",
+        "|---|---|---|---|---|",
+    ]
     for dname, dtype in DTYPES.items():
         mine = [r for r in rows if r["dtype"] == dname]
         worst_abs = max(max(r["output_abs"], r["grads_abs"]) for r in mine)
@@ -207,18 +234,21 @@ def summary_table(rows: list[dict]) -> str:
 
 
 def fft_table(rows: list[dict]) -> str:
-    lines = ["| dtype | size | kernel | FFT − float64 | direct − float64 | FFT − direct | float64 reference |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| dtype | size | kernel | FFT − float64 | direct − float64 | FFT − direct | float64 reference |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['dtype']} | {r['size']} | {r['kernel']} | {_fmt(r['fft_vs_ref'])} | "
-                     f"{_fmt(r['direct_vs_ref'])} | {_fmt(r['fft_vs_direct'])} | {r.get('reference', '')} |")
+        lines.append(
+            f"| {r['dtype']} | {r['size']} | {r['kernel']} | {_fmt(r['fft_vs_ref'])} | "
+            f"{_fmt(r['direct_vs_ref'])} | {_fmt(r['fft_vs_direct'])} | {r.get('reference', '')} |"
+        )
     return "\n".join(lines)
 
 
 def thread_table(result: dict, threads=(1, 2, 3, 4)) -> str:
     dtypes = list(next(iter(result.values())))
-    lines = ["| case (tests/test_determinism.py) | " + " | ".join(dtypes) + " |",
-             "|---|" + "---|" * len(dtypes)]
+    lines = ["| case (tests/test_determinism.py) | " + " | ".join(dtypes) + " |", "|---|" + "---|" * len(dtypes)]
     for name, by_dtype in result.items():
         cells = []
         for d in dtypes:
@@ -239,15 +269,20 @@ def _environment(quick: bool) -> str:
     from terminator.ops import _build
 
     src = _build.source_dir()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "?"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "csrc"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
-    return (f"Measured {datetime.date.today().isoformat()} on {platform.machine()} ({os.cpu_count()} cores), "
-            f"torch {torch.__version__}, backend {ops.backend().name}, {torch.get_num_threads()} threads; "
-            f"sources: commit {commit}{' + local changes' if dirty else ''}, csrc hash "
-            f"{_build.source_hash(src, _build.cpp_sources(src))}; by `tools/bench/measure_numerics.py"
-            f"{' --quick' if quick else ''}`.")
+    commit = (
+        subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        or "?"
+    )
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "csrc"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    return (
+        f"Measured {datetime.date.today().isoformat()} on {platform.machine()} ({os.cpu_count()} cores), "
+        f"torch {torch.__version__}, backend {ops.backend().name}, {torch.get_num_threads()} threads; "
+        f"sources: commit {commit}{' + local changes' if dirty else ''}, csrc hash "
+        f"{_build.source_hash(src, _build.cpp_sources(src))}; by `tools/bench/measure_numerics.py"
+        f"{' --quick' if quick else ''}`."
+    )
 
 
 def main() -> int:

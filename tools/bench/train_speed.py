@@ -122,14 +122,24 @@ def worker(args) -> None:
     train, infer = _steps(args.preset, args.batch_size, args.path, args.seed)
     train_times, first_train = _timed(train, args.warmup, args.steps)
     eval_times, first_eval = _timed(infer, args.warmup, args.steps)
-    print(json.dumps({"backend": ops.backend().name, "train": train_times, "eval": eval_times,
-                      "first_train_s": first_train, "first_eval_s": first_eval}))
+    print(
+        json.dumps(
+            {
+                "backend": ops.backend().name,
+                "train": train_times,
+                "eval": eval_times,
+                "first_train_s": first_train,
+                "first_eval_s": first_eval,
+            }
+        )
+    )
 
 
 def profile(preset: str, batch: int, threads: int, top: int) -> dict:
     """Self CPU time of one training step of ours, by operator: where the time goes."""
     import torch
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     torch.set_num_threads(threads)
     train, _ = _steps(preset, batch, "ours", 0)
@@ -139,11 +149,15 @@ def profile(preset: str, batch: int, threads: int, top: int) -> dict:
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             train()
-    events = sorted(((e.key, e.self_cpu_time_total / steps / 1e3, e.count // steps) for e in prof.key_averages()),
-                    key=lambda e: -e[1])
+    events = sorted(
+        ((e.key, e.self_cpu_time_total / steps / 1e3, e.count // steps) for e in prof.key_averages()),
+        key=lambda e: -e[1],
+    )
     total = sum(ms for _, ms, _ in events)
-    print(f"\nwhere a training step of ours goes ({preset}, batch {batch}, {threads} threads; self CPU time, "
-          f"mean of {steps} steps): {total:.1f} ms")
+    print(
+        f"\nwhere a training step of ours goes ({preset}, batch {batch}, {threads} threads; self CPU time, "
+        f"mean of {steps} steps): {total:.1f} ms"
+    )
     print(f"  {'operator':<56} {'ms':>8} {'share':>7} {'calls':>6}")
     for name, ms, calls in events[:top]:
         print(f"  {name[:56]:<56} {ms:8.2f} {ms / total:7.1%} {calls:6d}")
@@ -155,9 +169,25 @@ def _batch(args, preset: str) -> int:
 
 
 def _run_worker(args, preset: str, path: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--preset", preset, "--path", path,
-           "--batch-size", str(_batch(args, preset)), "--threads", str(args.threads), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--seed", str(args.seed)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        "--preset",
+        preset,
+        "--path",
+        path,
+        "--batch-size",
+        str(_batch(args, preset)),
+        "--threads",
+        str(args.threads),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--seed",
+        str(args.seed),
+    ]
     env = {**os.environ, "TERMINATOR_BACKEND": PATHS[path][0]}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -177,20 +207,26 @@ def _ratio(times: dict, preset: str, mode: str, ours: str, other: str):
 def report(result: dict) -> list[str]:
     """The tables and target verdicts of a result (a run or a saved JSON)."""
     times, lines = result["times"], []
-    lines.append(f"training and inference speed, {result['threads']} threads, {result['rounds']} rounds x "
-                 f"{result['steps']} steps per path (medians; ms per batch, samples/s)")
+    lines.append(
+        f"training and inference speed, {result['threads']} threads, {result['rounds']} rounds x "
+        f"{result['steps']} steps per path (medians; ms per batch, samples/s)"
+    )
     for preset, paths in times.items():
         batch = result["batches"][preset]
         lines.append(f"\n{preset} (batch {batch})")
-        lines.append(f"  {'path':<19} {'train ms':>9} {'samples/s':>10} {'eval ms':>9} {'samples/s':>10}"
-                     f" {'train vs ours':>14}  first step (s)")
+        lines.append(
+            f"  {'path':<19} {'train ms':>9} {'samples/s':>10} {'eval ms':>9} {'samples/s':>10}"
+            f" {'train vs ours':>14}  first step (s)"
+        )
         ours_train = statistics.median([t for r in paths["ours"]["train"] for t in r]) if "ours" in paths else None
         for path, data in paths.items():
             tr = statistics.median([t for r in data["train"] for t in r])
             ev = statistics.median([t for r in data["eval"] for t in r])
             rel = f"{tr / ours_train:13.2f}x" if ours_train else ""
-            lines.append(f"  {path:<19} {tr * 1e3:9.1f} {batch / tr:10.0f} {ev * 1e3:9.1f} {batch / ev:10.0f}"
-                         f" {rel:>14}  {statistics.median(data['first_train_s']):.1f}")
+            lines.append(
+                f"  {path:<19} {tr * 1e3:9.1f} {batch / tr:10.0f} {ev * 1e3:9.1f} {batch / ev:10.0f}"
+                f" {rel:>14}  {statistics.median(data['first_train_s']):.1f}"
+            )
     lines.append("\ntargets (ratio = comparator's median time / ours; [range of the per-round ratios]):")
     for ours, other, mode, threshold, presets in TARGETS:
         for preset in presets:
@@ -198,8 +234,10 @@ def report(result: dict) -> list[str]:
                 continue
             whole, lo, hi = _ratio(times, preset, mode, ours, other)
             verdict = "met   " if whole >= threshold else "MISSED"
-            lines.append(f"  {verdict} {preset:<8} {mode:<5} {ours} vs {other}: {whole:.2f}x [{lo:.2f}-{hi:.2f}]"
-                         f" (target >= {threshold:g}x)")
+            lines.append(
+                f"  {verdict} {preset:<8} {mode:<5} {ours} vs {other}: {whole:.2f}x [{lo:.2f}-{hi:.2f}]"
+                f" (target >= {threshold:g}x)"
+            )
     return lines
 
 
@@ -213,8 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=None, help="one batch size for every preset (smoke runs)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile paths")
-    p.add_argument("--compile-presets", default="fmnist,seq784,mnist1d",
-                   help="presets that also run the torch.compile paths (the targets compare those)")
+    p.add_argument(
+        "--compile-presets",
+        default="fmnist,seq784,mnist1d",
+        help="presets that also run the torch.compile paths (the targets compare those)",
+    )
     p.add_argument("--profile", action="store_true", help="also show where a training step of ours goes")
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--json", default=None, help="write the measurements here")
@@ -243,19 +284,30 @@ def main(argv: list[str] | None = None) -> int:
             for path in paths:
                 got = _run_worker(args, preset, path)
                 entry = times.setdefault(preset, {}).setdefault(
-                    path, {"train": [], "eval": [], "first_train_s": [], "first_eval_s": []})
+                    path, {"train": [], "eval": [], "first_train_s": [], "first_eval_s": []}
+                )
                 for key in ("train", "eval"):
                     entry[key].append(got[key])
                 entry["first_train_s"].append(got["first_train_s"])
                 entry["first_eval_s"].append(got["first_eval_s"])
-                print(f"round {r + 1}/{args.rounds} {preset:<8} {path:<18} train "
-                      f"{statistics.median(got['train']) * 1e3:8.1f} ms  eval {statistics.median(got['eval']) * 1e3:8.1f} ms",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"round {r + 1}/{args.rounds} {preset:<8} {path:<18} train "
+                    f"{statistics.median(got['train']) * 1e3:8.1f} ms  eval {statistics.median(got['eval']) * 1e3:8.1f} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
     import torch
 
-    result = {"threads": args.threads, "rounds": args.rounds, "steps": args.steps, "torch": torch.__version__,
-              "batches": {preset: _batch(args, preset) for preset in presets},
-              "date": time.strftime("%Y-%m-%d"), "commit": _commit(), "times": times}
+    result = {
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "torch": torch.__version__,
+        "batches": {preset: _batch(args, preset) for preset in presets},
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": _commit(),
+        "times": times,
+    }
     print("\n".join(report(result)))
     if args.profile:
         result["profile"] = profile(presets[0], _batch(args, presets[0]), args.threads, args.top)
@@ -267,8 +319,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

@@ -48,15 +48,24 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # this checkout's terminator (and its csrc), also in the workers
 
 FLOATS = ("float32", "float64", "float16", "bfloat16")
-OTHER_DTYPES = ("int8", "uint8", "int32", "int64", "bool", "complex64", "complex128",
-                "float8_e4m3fn", "float8_e5m2")
+OTHER_DTYPES = ("int8", "uint8", "int32", "int64", "bool", "complex64", "complex128", "float8_e4m3fn", "float8_e5m2")
 MODES = ("dot", "matmul", "conv")
 ALGOS = ("auto", "direct", "fft")
 ODD_STRINGS = ("", "Dot", "conv ", "fft", "winograd", "DIRECT", "matmul\x00")
 # What may be broken in a case (each usually makes it invalid; "zero_size" allows C = 0
 # or a zero spatial size, which may give an empty result or a clean error).
-MUTATIONS = ("rank", "mode", "zero_size", "matmul_shape", "dtype", "mixed_dtype", "device", "kernel",
-             "not_a_tensor", "x_shape")
+MUTATIONS = (
+    "rank",
+    "mode",
+    "zero_size",
+    "matmul_shape",
+    "dtype",
+    "mixed_dtype",
+    "device",
+    "kernel",
+    "not_a_tensor",
+    "x_shape",
+)
 ARG_NAMES = ("k", "z", "x", "w", "mode", "algo", "grad_y")
 CLEAN_ERRORS = (ValueError, TypeError, RuntimeError)
 
@@ -117,7 +126,9 @@ def cases():
             d = draw(st.sampled_from([1, 2]))
             spatial = [draw(st.integers(1, top)) for _ in range(d)]
             rank = d + 2
-        act_shape = ([batch, channels] + spatial)[:rank] if rank >= 2 else [draw(st.integers(0, 3)) for _ in range(rank)]
+        act_shape = (
+            ([batch, channels] + spatial)[:rank] if rank >= 2 else [draw(st.integers(0, 3)) for _ in range(rank)]
+        )
         act_shape += [draw(st.integers(0, 3)) for _ in range(rank - len(act_shape))]
 
         dtype = draw(st.sampled_from(FLOATS))
@@ -140,9 +151,14 @@ def cases():
             kernel_spatial[i] = draw(st.sampled_from([0, kernel_spatial[i] + 1, act_shape[2 + i] + 1]))
         C = act_shape[1] if rank >= 2 else channels
         B = act_shape[0] if rank >= 1 else batch
-        shapes = {"C": [C] + kernel_spatial, "wrongS": [C] + kernel_spatial, "1C": [1, C] + kernel_spatial,
-                  "BC": [B, C] + kernel_spatial, "wrongB": [B + 2, C] + kernel_spatial,
-                  "wrongC": [C + 1] + kernel_spatial}
+        shapes = {
+            "C": [C] + kernel_spatial,
+            "wrongS": [C] + kernel_spatial,
+            "1C": [1, C] + kernel_spatial,
+            "BC": [B, C] + kernel_spatial,
+            "wrongB": [B + 2, C] + kernel_spatial,
+            "wrongC": [C + 1] + kernel_spatial,
+        }
         kshape = shapes.get(form) or [C] * draw(st.integers(0, 6))
         not_tensor = draw(st.integers(0, 2)) if "not_a_tensor" in mutations else -1
 
@@ -157,8 +173,7 @@ def cases():
             if "x_shape" in mutations:
                 x_kind = "wrong"
                 x_shape = x_shape[:-1] + [(x_shape[-1] if x_shape else 0) + 1]
-            tensors = {"k": arg(0, kshape), "z": arg(1, act_shape),
-                       "x": None if x_kind == "none" else arg(2, x_shape)}
+            tensors = {"k": arg(0, kshape), "z": arg(1, act_shape), "x": None if x_kind == "none" else arg(2, x_shape)}
         else:
             tensors = {"x": arg(0, act_shape), "w": arg(1, kshape)}
         return {
@@ -177,13 +192,14 @@ def cases():
 
 def describe(case: dict) -> str:
     """One line naming a case: what a person needs to reproduce it."""
+
     def arg(spec):
         if spec is None:
             return "None"
         if spec["kind"] != "tensor":
             return spec["kind"]
-        return (f"{spec['dtype']}{tuple(spec['shape'])}@{spec['device']}"
-                f"[{spec['layout']},{spec['values']}]")
+        return f"{spec['dtype']}{tuple(spec['shape'])}@{spec['device']}[{spec['layout']},{spec['values']}]"
+
     parts = [f"{name}={arg(spec)}" for name, spec in case["tensors"].items()]
     how = f"mode={case['mode']!r}" if case["op"] == "global" else f"algo={case['algo']!r}"
     fn = "hyperzzw_global" if case["op"] == "global" else "hyperkernel_conv"
@@ -199,7 +215,7 @@ def _is_tensor(spec) -> bool:
 
 
 def validity(case: dict) -> str:
-    """"valid", "invalid", or "empty_ok" (zero-size C or spatial dim: empty result or clean error)."""
+    """ "valid", "invalid", or "empty_ok" (zero-size C or spatial dim: empty result or clean error)."""
     t = case["tensors"]
     if case["op"] == "global":
         if not (isinstance(case["mode"], str) and case["mode"] in MODES):
@@ -333,8 +349,11 @@ def build_tensor(spec, gen):
         if layout == "sliced" and rank:
             make = lambda t: torch.stack([t, _garbage(t.numel(), t.dtype).view(t.shape)], dim=-1)[..., 0]  # noqa: E731
         elif layout == "offset":
-            make = lambda t: torch.cat([_garbage(3, t.dtype), t.reshape(-1), _garbage(2, t.dtype)])[  # noqa: E731
-                3:3 + t.numel()].view(shape)
+            make = (
+                lambda t: torch.cat([_garbage(3, t.dtype), t.reshape(-1), _garbage(2, t.dtype)])[  # noqa: E731
+                    3 : 3 + t.numel()
+                ].view(shape)
+            )
         elif layout == "transposed" and rank >= 2:
             make = lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2)  # noqa: E731
         elif layout == "permuted" and rank >= 2:
@@ -418,12 +437,18 @@ def _compare(name, got, refs, clean_scale, dtype, policy):
 
     def fail(kind, bad, what):
         idx = tuple(bad.nonzero()[0].tolist())
-        raise Finding(kind, f"{name}: {int(bad.sum())} elements {what}, e.g. at {idx}: got {g[idx].item()}, "
-                      f"reference {' / '.join(str(r[idx].item()) for r in refs)}")
+        raise Finding(
+            kind,
+            f"{name}: {int(bad.sum())} elements {what}, e.g. at {idx}: got {g[idx].item()}, "
+            f"reference {' / '.join(str(r[idx].item()) for r in refs)}",
+        )
 
     if policy == "strict":
-        for label, r, o in (("NaN", ref64.isnan(), g.isnan()), ("+Inf", ref64 == math.inf, g == math.inf),
-                            ("-Inf", ref64 == -math.inf, g == -math.inf)):
+        for label, r, o in (
+            ("NaN", ref64.isnan(), g.isnan()),
+            ("+Inf", ref64 == math.inf, g == math.inf),
+            ("-Inf", ref64 == -math.inf, g == -math.inf),
+        ):
             bad = (r != o) & ~overflow
             if bad.any():
                 fail("wrong non-finite", bad, f"differ in {label}")
@@ -441,8 +466,11 @@ def _compare(name, got, refs, clean_scale, dtype, policy):
     bad = check & ~(err <= bound)
     if bad.any():
         idx = tuple(bad.nonzero()[0].tolist())
-        raise Finding("wrong value", f"{name}: {int(bad.sum())} of {g.numel()} elements off; at {idx} got "
-                      f"{g[idx].item():.6g}, reference {ref64[idx].item():.6g}, bound {bound[idx].item():.3g}")
+        raise Finding(
+            "wrong value",
+            f"{name}: {int(bad.sum())} of {g.numel()} elements off; at {idx} got "
+            f"{g[idx].item():.6g}, reference {ref64[idx].item():.6g}, bound {bound[idx].item():.3g}",
+        )
 
 
 def conv_same_skipping_padding(x, w):
@@ -501,10 +529,12 @@ def run_case(case: dict) -> dict:
     verdict = validity(case)
     args = {n: make(base) for n, (base, make) in built.items()}
     tensors = {n: a for n, a in args.items() if isinstance(a, torch.Tensor)}
-    want_grad = (case["grad"] and verdict != "invalid" and all(a.device.type == "cpu" for a in tensors.values()))
+    want_grad = case["grad"] and verdict != "invalid" and all(a.device.type == "cpu" for a in tensors.values())
     if want_grad:  # the same arguments, built from leaves that require grad
-        args = {n: make(base.clone().requires_grad_()) if isinstance(args[n], torch.Tensor) else args[n]
-                for n, (base, make) in built.items()}
+        args = {
+            n: make(base.clone().requires_grad_()) if isinstance(args[n], torch.Tensor) else args[n]
+            for n, (base, make) in built.items()
+        }
         tensors = {n: a for n, a in args.items() if isinstance(a, torch.Tensor)}
     before = {n: a.detach().clone() for n, a in tensors.items() if a.device.type == "cpu"}
 
@@ -531,16 +561,21 @@ def run_case(case: dict) -> dict:
     except Exception as exc:  # noqa: BLE001 - anything else is a finding
         raise Finding("unclean exception", f"{type(exc).__name__}: {exc}") from None
     if verdict == "invalid":
-        raise Finding("accepted an invalid input", f"returned {type(y).__name__} "
-                      f"{tuple(y.shape) if isinstance(y, torch.Tensor) else ''}")
+        raise Finding(
+            "accepted an invalid input",
+            f"returned {type(y).__name__} {tuple(y.shape) if isinstance(y, torch.Tensor) else ''}",
+        )
     for n, a in before.items():
         if not _bits_equal(a, tensors[n].detach()):
             raise Finding("modified an input", n)
 
     act = args["z"] if case["op"] == "global" else args["x"]
     if not isinstance(y, torch.Tensor) or y.shape != act.shape or y.dtype != act.dtype or y.device != act.device:
-        raise Finding("wrong result", f"got {type(y).__name__} {getattr(y, 'shape', '')} {getattr(y, 'dtype', '')} "
-                      f"on {getattr(y, 'device', '')}, expected {tuple(act.shape)} {act.dtype} on {act.device}")
+        raise Finding(
+            "wrong result",
+            f"got {type(y).__name__} {getattr(y, 'shape', '')} {getattr(y, 'dtype', '')} "
+            f"on {getattr(y, 'device', '')}, expected {tuple(act.shape)} {act.dtype} on {act.device}",
+        )
     if act.device.type == "meta":
         return {"outcome": "meta", "detail": ""}
     if not y.is_contiguous():
@@ -567,18 +602,23 @@ def run_case(case: dict) -> dict:
 
     # The float64 reference on the same (already rounded) values, contiguous.
     as64 = {n: args[n].detach().double().contiguous() if isinstance(args.get(n), torch.Tensor) else None for n in names}
-    clean = {n: (torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0).abs() if t is not None else None)
-             for n, t in as64.items()}
+    clean = {
+        n: (torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0).abs() if t is not None else None)
+        for n, t in as64.items()
+    }
     finite = all(bool(t.isfinite().all()) for t in as64.values() if t is not None)
     # With NaN/Inf in a convolution, two references bracket what is acceptable (_compare).
     convs = [reference.conv_same] if finite else [conv_same_skipping_padding, reference.conv_same]
     if case["op"] == "global":
+
         def make_fn(conv):
             def fn(k, z, x):
                 if case["mode"] == "conv":
                     return conv(z if x is None else x, k * z)
                 return reference.hyperzzw_global(k, z, x, mode=case["mode"])
+
             return fn
+
         order = ["k", "z", "x"]
         conv_op = case["mode"] == "conv"
         policy = "contain" if conv_op else "strict"  # mode="conv" runs "auto": maybe the FFT
@@ -639,8 +679,11 @@ def worker_main() -> int:
         except Finding as exc:
             result = {"ok": False, "outcome": exc.kind, "detail": str(exc)}
         except Exception as exc:  # noqa: BLE001 - a bug in the fuzzer itself
-            result = {"ok": False, "outcome": "fuzzer error",
-                      "detail": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-1500:]}"}
+            result = {
+                "ok": False,
+                "outcome": "fuzzer error",
+                "detail": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-1500:]}",
+            }
         out.write(json.dumps(result) + "\n")
     return 0
 
@@ -658,9 +701,16 @@ class Worker:
 
     def _start(self) -> None:
         self.stderr = tempfile.TemporaryFile(mode="w+b")
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-                                     env=self.env, cwd=str(ROOT), text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            env=self.env,
+            cwd=str(ROOT),
+            text=True,
+            bufsize=1,
+        )
         hello = self._read(max(self.timeout, 300.0))
         if hello is None or not hello.get("ready"):
             raise RuntimeError(f"fuzz worker did not start: {self._stderr_tail()}")
@@ -739,8 +789,9 @@ def fuzz(n_cases: int, seed: int | None, timeout: float, shrink: bool, report_ev
     with Worker(timeout=timeout) as worker:
         phases = [Phase.generate] + ([Phase.shrink] if shrink else [])
 
-        @settings(max_examples=n_cases, database=None, deadline=None, phases=phases,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=n_cases, database=None, deadline=None, phases=phases, suppress_health_check=list(HealthCheck)
+        )
         @given(case=cases())
         def one(case):
             result = worker.run(case)
@@ -763,8 +814,10 @@ def fuzz(n_cases: int, seed: int | None, timeout: float, shrink: bool, report_ev
             print(f"shrunk failure: {exc}")
         backend, library = worker.backend, worker.library
     total = sum(counts.values())
-    print(f"\nfuzz_ops: {total} cases on the {backend} backend ({library}) in {time.monotonic() - start:.0f} s; "
-          f"worker restarts {worker.restarts}")
+    print(
+        f"\nfuzz_ops: {total} cases on the {backend} backend ({library}) in {time.monotonic() - start:.0f} s; "
+        f"worker restarts {worker.restarts}"
+    )
     for outcome, n in counts.most_common():
         print(f"  {outcome:26s} {n}")
     unclear = [(c, r) for c, r in examples if r["outcome"] == "unclear"]

@@ -21,17 +21,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from terminator.train.checkpoint import write_csv_atomic
 from terminator.train.config import TrainConfig
 from terminator.train.data import load_dataset
-from terminator.train.checkpoint import write_csv_atomic
 
 
 def baseline_cnn(num_classes: int = 10) -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Dropout(0.25), nn.Flatten(), nn.Linear(128 * 7 * 7, 256), nn.ReLU(), nn.Dropout(0.5),
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(64, 128, 3, padding=1),
+        nn.BatchNorm2d(128),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Dropout(0.25),
+        nn.Flatten(),
+        nn.Linear(128 * 7 * 7, 256),
+        nn.ReLU(),
+        nn.Dropout(0.5),
         nn.Linear(256, num_classes),
     )
 
@@ -39,7 +51,7 @@ def baseline_cnn(num_classes: int = 10) -> nn.Module:
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
     model.eval()
-    correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(y), batch))
+    correct = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(y), batch))
     return correct / len(y)
 
 
@@ -56,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    cfg = TrainConfig(dataset="fashion-mnist", data_dir=args.data_dir, val_fraction=0.0,
-                      limit_train=args.limit_train)
+    cfg = TrainConfig(dataset="fashion-mnist", data_dir=args.data_dir, val_fraction=0.0, limit_train=args.limit_train)
     d = load_dataset(cfg)
     model = baseline_cnn(d.num_classes)
     params = sum(p.numel() for p in model.parameters())
@@ -73,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         perm = torch.randperm(len(d.train_y))
         for i in range(0, len(perm), args.batch_size):
-            b = perm[i:i + args.batch_size]
+            b = perm[i : i + args.batch_size]
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(d.train_x[b]), d.train_y[b]).backward()
             opt.step()
@@ -84,8 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"epoch {epoch + 1:>2}/{args.epochs}  {elapsed:7.1f} s  test acc {acc:.4f}", flush=True)
         # every epoch: a stopped run keeps its curve
         write_csv_atomic(out / "metrics.csv", rows, ["epoch", "train_seconds", "test_acc"])
-    result = {"model": "baseline_cnn", "parameters": params, "test_acc": rows[-1]["test_acc"] if rows else None,
-              "train_seconds": elapsed, "epochs": args.epochs, "seed": args.seed, "threads": args.threads}
+    result = {
+        "model": "baseline_cnn",
+        "parameters": params,
+        "test_acc": rows[-1]["test_acc"] if rows else None,
+        "train_seconds": elapsed,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "threads": args.threads,
+    }
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"result: test_acc={result['test_acc']:.4f} train_seconds={elapsed:.0f} params={params}")
     return 0
