@@ -53,13 +53,16 @@ def conv_same(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return x * (w.sum() * 0)
     w = w.expand(batch, channels, *kernel_size)
     conv = F.conv1d if len(spatial) == 1 else F.conv2d
+    # ATen's CPU float16 convolution can take minutes on a full-size kernel: accumulate in
+    # float32 and round once, as the compiled kernels do.
+    compute_dtype = torch.float32 if x.dtype == torch.float16 and x.device.type == "cpu" else None
     y = conv(
-        x.reshape(1, batch * channels, *spatial),
-        w.reshape(batch * channels, 1, *kernel_size),
+        x.reshape(1, batch * channels, *spatial).to(compute_dtype),
+        w.reshape(batch * channels, 1, *kernel_size).to(compute_dtype),
         padding="same",
         groups=batch * channels,
     )
-    return y.reshape(x.shape)
+    return y.reshape(x.shape).to(x.dtype)
 
 
 def hyperzzw_global(
