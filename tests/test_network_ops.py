@@ -107,7 +107,7 @@ def test_standardize_matches_its_composition(dtype, kind, training, spatial):
         )
         pristine = [t.clone() if t is not None else None for t in running]
 
-        def fn(x, bias, running=running):
+        def fn(x, bias, running=running, gelu=gelu):
             running = [r.to(x.dtype) if r is not None else None for r in running]  # copies: updates are checked below
             return ops.standardize(x, channels, *running, use_batch_stats=training, gelu=gelu, bias=bias)
 
