@@ -144,10 +144,7 @@ inline at::Tensor activation_planes(const at::Tensor& x) {
 
 // Smallest even n >= m whose only prime factors are 2, 3, 5 and 7: fast FFT sizes (1
 // for m <= 1). Even, because a real transform of even length runs as a complex one of
-// half the length: against the odd sizes this rule used to allow, CPU forward+backward
-// at B=64, C=36 (16 at 64×64), per-sample kernels, two runs: 28×28 K=11 (35 -> 36)
-// 35.1 -> 26.8 ms, K=15 (35 -> 36) 34.2 -> 25.7, 64×64 K=21 (75 -> 80) 41.9 -> 27.2,
-// L=784 K=255 (945 -> 960) 27.5 -> 10.2; sizes that were even already unchanged.
+// half the length, much faster than an odd one (docs/PERFORMANCE.md).
 inline int64_t good_fft_size(int64_t m) {
   if (m <= 1) return 1;
   for (int64_t n = m + m % 2;; n += 2) {

@@ -82,11 +82,8 @@ at::Tensor conj_kernel_spectrum(const at::Tensor& w, const at::Tensor& scale, co
 }
 
 // Samples per batch chunk: each chunk's padded buffers and spectra stay near kChunkBytes,
-// so the FFT path's memory does not grow with the batch (the whole batch at once put its
-// peak at about twice the eager reference's: 94 against 49 MB for the global conv mode at
-// B=64, C=36, 28×28). 1 MB rather than 4: per-sample 7×7 kernels at that size peaked at
-// 36 MB with 4 (eager 28) and 24 with 1, and the smaller chunks, which stay in cache,
-// were no slower (global conv 28×28 forward+backward 45 -> 40 ms).
+// so the FFT path's memory does not grow with the batch and stays under eager's; chunks
+// this small stay in cache and are no slower (docs/PERFORMANCE.md).
 constexpr int64_t kChunkBytes = int64_t(1) << 20;
 
 int64_t batch_chunk(int64_t channels, const FftGeometry& g, at::ScalarType dtype) {

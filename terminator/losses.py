@@ -1,4 +1,4 @@
-"""Training losses of the Terminator (SPEC §3).
+"""Training losses of the Terminator (docs/ARCHITECTURE.md).
 
 * :func:`label_smoothed_cross_entropy` — cross-entropy with label smoothing ε (0.09).
 * :func:`slow_neural_loss` — ties the blocks' global hyper-kernels together.

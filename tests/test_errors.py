@@ -1,4 +1,4 @@
-"""Bad input: one test per class of SPEC §2 "Errors", on both sides of the op.
+"""Bad input: one test per class of error in docs/OPS.md ("Errors"), on both sides of the op.
 
 "python" calls the public wrapper (terminator.ops); "cpp" calls the registered op
 directly (torch.ops.terminator), whose C++ kernel checks with the same messages.

@@ -146,7 +146,7 @@ def test_fft_error_at_full_kernel_size_stays_within_the_tolerance(spatial, dtype
     assert_close_scaled(got, expected, scale, dtype, f"fft {spatial} {dtype}")
 
 
-# ---- float16 / bfloat16 accumulate in float32 (SPEC §2) ---------------------------------------
+# ---- float16 / bfloat16 accumulate in float32 (docs/OPS.md) ---------------------------------------
 # The general tolerances (tests/helpers.py) allow eight roundings, which a kernel that
 # accumulated 3×3 or 9×9 windows in half precision would still meet (measured: 0.16 to 0.35
 # of the bound). A long direct sum separates the two: accumulated in float32 the result is

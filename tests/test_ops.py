@@ -296,7 +296,7 @@ def _saved_while(run):
 
 @pytest.mark.parametrize("mode", ["dot", "matmul", "conv"])
 def test_global_saves_only_its_inputs_for_backward(compiled, mode):
-    """Issue 3: dot keeps nothing for backward beyond its inputs (nor do matmul and conv):
+    """dot keeps nothing for backward beyond its inputs (nor do matmul and conv):
     no product, spectrum or copy stays alive from forward to backward."""
     k, z, x = (t.requires_grad_() for t in global_inputs(4, 3, (6, 6), "C", True, torch.float32, seed=2))
     saved, y = _saved_while(lambda: ops.hyperzzw_global(k, z, x, mode=mode))

@@ -1,4 +1,4 @@
-"""The slow-fast neural encoding (SFNE) block (SPEC §3)."""
+"""The slow-fast neural encoding (SFNE) block (docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 

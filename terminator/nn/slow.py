@@ -1,7 +1,7 @@
 """Slow networks: MAGNet coordinate MLPs that generate hyper-kernels.
 
 A slow net maps a grid of coordinates in ``[-1, 1]^d`` to a hyper-kernel with one
-value per coordinate and output channel (SPEC §3). Three variants:
+value per coordinate and output channel (docs/ARCHITECTURE.md). Three variants:
 
 * :class:`SlowNetG` — global: the kernel is as large as the input, ``(C, *S)``.
 * :class:`SlowNetGC` — over the channel axis (``d = 1``, length ``C``), ``(out, C)``.

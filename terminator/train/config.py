@@ -59,7 +59,7 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bar (rank 0)
     plots: bool = True  # PNG learning curves and global hyper-kernels
     checkpoint_every: int = 1  # epochs between last.pt writes
-    stop_after: int | None = None  # end this session after N more epochs (the schedule still spans `epochs`)
+    stop_after: int | None = None  # stop after N more epochs (the schedule still spans `epochs`)
     track_test: bool = False  # also log test accuracy each epoch (time-to-accuracy curves; never used to select)
 
     def __post_init__(self):

@@ -1,4 +1,4 @@
-"""Offline datasets (SPEC §4): MNIST-1D (generated, cached), Fashion-MNIST idx files, digits.
+"""Offline datasets: MNIST-1D (generated, cached), Fashion-MNIST idx files, digits.
 
 Every loader returns :class:`Splits` of float32 tensors ``(N, C, *S)`` standardized with
 the training split's mean and std, and int64 labels. Nothing is downloaded.

@@ -13,7 +13,7 @@ tensors, calls the op, and checks that the call either
   ``_compare`` and docs/NUMERICS.md), returns a contiguous result of the right shape,
   dtype and device, and leaves its inputs unchanged; or
 * raises a clean ``ValueError`` / ``TypeError`` / ``RuntimeError`` for an input that is
-  invalid by SPEC §2 (an oracle written here from the spec, not from ``_checks.py``).
+  invalid by docs/OPS.md (an oracle written here from that definition, not from ``_checks.py``).
 
 A worker that dies (segfault, abort, sanitizer report) or hangs is named with its case
 and replaced. Zero-size C or spatial dims may either give an empty result or a clean
@@ -207,7 +207,7 @@ def describe(case: dict) -> str:
     return f"{entry}.{fn}({', '.join(parts)}, {how}){' + backward' if case['grad'] else ''} seed={case['seed']}"
 
 
-# ---- the oracle: is a case valid by SPEC §2? -------------------------------------------
+# ---- the oracle: is a case valid by docs/OPS.md? ----------------------------------------
 
 
 def _is_tensor(spec) -> bool:
@@ -822,7 +822,7 @@ def fuzz(n_cases: int, seed: int | None, timeout: float, shrink: bool, report_ev
         print(f"  {outcome:26s} {n}")
     unclear = [(c, r) for c, r in examples if r["outcome"] == "unclear"]
     if unclear:
-        print("clean errors whose message names no argument (not failures; SPEC asks for names):")
+        print("clean errors whose message names no argument (not failures; docs/OPS.md asks for names):")
         for detail in sorted({r["detail"] for _, r in unclear})[:10]:
             example = next(c for c, r in unclear if r["detail"] == detail)
             print(f"  {detail}\n    e.g. {describe(example)}")

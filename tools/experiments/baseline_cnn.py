@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The plain-CNN baseline of issue 6 on Fashion-MNIST (what a user would train instead).
+"""The plain-CNN baseline on Fashion-MNIST (what a user would train instead).
 
 conv 32-BN-ReLU, conv 64-BN-ReLU, max-pool, conv 128-BN-ReLU, max-pool, dropout 0.25,
 linear 256-ReLU, dropout 0.5, linear 10 (≈1.7 M parameters); Adam 2e-3, cosine over the
