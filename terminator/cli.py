@@ -90,7 +90,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             # the run's own configuration, then whatever this command line changes
             path = args.resume
             if path == "auto":
-                from .train.loop import run_dir
+                from .train.run import run_dir
 
                 path = str(run_dir(load_config(args.config, overrides)) / "last.pt")
             if os.path.isfile(path):

@@ -284,8 +284,9 @@ def test_cli_help_lists_the_commands():
 def test_plots_write_pngs(tmp_path, shape):
     pytest.importorskip("matplotlib")
     from terminator.train.checkpoint import write_csv_atomic
-    from terminator.train.loop import METRIC_FIELDS, build_model
+    from terminator.train.loop import build_model
     from terminator.train.plots import plot_curves, plot_kernels, plot_scores, plot_time_to_accuracy
+    from terminator.train.run import METRIC_FIELDS
 
     overrides = parse_set([a for a in TINY[1::2] if a.startswith("model.")])
     cfg = TrainConfig(dataset="digits" if len(shape) == 3 else "mnist1d", model=overrides["model"])

@@ -5,7 +5,8 @@ scikit-learn). ``terminator train`` / ``terminator eval`` drive it from the comm
 
     config.py       TrainConfig (YAML + command-line overrides)
     data.py         the offline datasets and augmentation
-    loop.py         train(): the epoch loop, best/last checkpoints, results.json
+    loop.py         train(): setup, resume, the epoch loop, best/last checkpoints
+    run.py          a run's state and its directory: metrics.csv, checkpoint contents, results.json
     checkpoint.py   atomic writes, validated checkpoint loads, RNG states
     distributed.py  single process or a DDP rank under torchrun
     evaluation.py   accuracy, loss and confusion matrix of a model or a checkpoint

@@ -1,9 +1,7 @@
-"""The training loop (one process, or DDP under torchrun): epochs, checkpoints, results."""
+"""The training loop (one process, or DDP under torchrun): setup, resume, epochs, checkpoints."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import random
 import sys
@@ -18,44 +16,20 @@ from ..models.terminator import Terminator
 from ..optim import Kar2, Kar3
 from . import distributed
 from .checkpoint import (
-    CHECKPOINT_FORMAT,
     check_resumable,
     load_checkpoint,
     model_from_checkpoint,
-    rng_state,
     save_atomic,
     set_rng_state,
     write_csv_atomic,
-    write_text_atomic,
 )
 from .config import TrainConfig
 from .data import Splits, augment_batch, default_preset, load_dataset
 from .distributed import Dist
 from .evaluation import evaluate
+from .run import METRIC_FIELDS, Run, checkpoint_state, finish, prepare_run_dir, run_dir
 
-__all__ = ["train", "run_dir", "build_model", "METRIC_FIELDS"]
-
-METRIC_FIELDS = [
-    "epoch",
-    "train_loss",
-    "train_ce",
-    "train_acc",
-    "slow_loss",
-    "val_loss",
-    "val_acc",
-    "lr",
-    "seconds",
-    "samples_per_s",
-    "train_seconds",
-    "test_acc",
-]
-
-
-def run_dir(cfg: TrainConfig) -> Path:
-    """The run directory: ``cfg.out``, or ``runs/<dataset>-<preset>``."""
-    if cfg.out:
-        return Path(cfg.out)
-    return Path("runs") / f"{cfg.dataset}-{cfg.preset or default_preset(cfg.dataset)[0]}"
+__all__ = ["train", "build_model", "lr_factor"]
 
 
 def build_model(cfg: TrainConfig, shape: tuple[int, ...], num_classes: int) -> Terminator:
@@ -90,25 +64,6 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-@dataclasses.dataclass
-class _Run:
-    """What the loop carries from epoch to epoch (and a checkpoint restores)."""
-
-    cfg: TrainConfig
-    d: Dist
-    out: Path
-    splits: Splits
-    model: Terminator
-    net: torch.nn.Module  # the model, or its DDP wrapper
-    opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LRScheduler
-    sampler: torch.utils.data.distributed.DistributedSampler
-    per_rank: int  # batch size of this process
-    epoch: int = 0
-    history: list[dict] = dataclasses.field(default_factory=list)
-    best: dict = dataclasses.field(default_factory=lambda: {"epoch": 0, "metric": -1.0})
-
-
 def train(cfg: TrainConfig, resume: str | None = None, log=print) -> dict:
     """Trains per ``cfg``; ``resume``: a checkpoint path, or ``"auto"`` for ``OUT/last.pt`` if present.
 
@@ -133,7 +88,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> dict:
         if d.main:
             log(f"resumed from epoch {run.epoch} ({out})")
     if d.main:
-        _prepare_run_dir(run, log)
+        prepare_run_dir(run, log)
 
     objective = TerminatorLoss(eps=cfg.label_smoothing, l2=cfg.l2, slow_weight=cfg.slow_weight)
     end_epoch = cfg.epochs if not cfg.stop_after else min(cfg.epochs, run.epoch + cfg.stop_after)
@@ -142,7 +97,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> dict:
         row = _train_epoch(run, objective, epoch)
         _evaluate_epoch(run, row)
         _end_epoch(run, row, last=epoch + 1 == end_epoch, log=log)
-    result = _finish(run, session_seconds=time.perf_counter() - started, log=log)
+    result = finish(run, session_seconds=time.perf_counter() - started, log=log)
     distributed.teardown(d)
     return result
 
@@ -162,7 +117,7 @@ def _checkpoint_to_resume(out: Path, resume: str | None, d: Dist, log) -> tuple[
     return None, None
 
 
-def _start(cfg: TrainConfig, d: Dist, out: Path, splits: Splits, model: Terminator) -> _Run:
+def _start(cfg: TrainConfig, d: Dist, out: Path, splits: Splits, model: Terminator) -> Run:
     """Optimizer, sampler and learning-rate schedule around ``model``."""
     if cfg.optimizer == "kar3":
         opt = Kar3(model.parameters(), lr=cfg.lr, betas=cfg.betas)
@@ -175,10 +130,10 @@ def _start(cfg: TrainConfig, d: Dist, out: Path, splits: Splits, model: Terminat
     steps_per_epoch = max(1, math.ceil(len(sampler) / per_rank))
     total, warmup = steps_per_epoch * cfg.epochs, int(round(cfg.warmup_epochs * steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio))
-    return _Run(cfg, d, out, splits, model, distributed.wrap(model, d), opt, sched, sampler, per_rank)
+    return Run(cfg, d, out, splits, model, distributed.wrap(model, d), opt, sched, sampler, per_rank)
 
 
-def _restore(run: _Run, ckpt: dict) -> None:
+def _restore(run: Run, ckpt: dict) -> None:
     run.opt.load_state_dict(ckpt["optimizer"])
     run.sched.load_state_dict(ckpt["scheduler"])
     run.epoch, run.history, run.best = int(ckpt["epoch"]), list(ckpt["history"]), dict(ckpt["best"])
@@ -186,24 +141,7 @@ def _restore(run: _Run, ckpt: dict) -> None:
     set_rng_state(rngs[run.d.rank % len(rngs)])
 
 
-def _prepare_run_dir(run: _Run, log) -> None:
-    import yaml
-
-    out, splits = run.out, run.splits
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):  # left by a process killed while writing
-        stale.unlink(missing_ok=True)
-    write_text_atomic(out / "config.yaml", yaml.safe_dump(run.cfg.to_dict(), sort_keys=False))
-    write_csv_atomic(out / "metrics.csv", run.history, METRIC_FIELDS)
-    log(
-        f"run {out}: {run.cfg.dataset} {tuple(splits.shape)} train {len(splits.train_y)} "
-        f"val {0 if splits.val_y is None else len(splits.val_y)} test {len(splits.test_y)}; "
-        f"{run.model.num_parameters:,} parameters; {run.d.world} process(es) on {run.d.device}; "
-        f"backend {_backend_name()}"
-    )
-
-
-def _train_epoch(run: _Run, objective: TerminatorLoss, epoch: int) -> dict:
+def _train_epoch(run: Run, objective: TerminatorLoss, epoch: int) -> dict:
     """One pass over this rank's share of the training set; the epoch's metrics row."""
     cfg, d, splits = run.cfg, run.d, run.splits
     run.net.train()
@@ -270,7 +208,7 @@ def _progress_bar(total: int, epoch: int, cfg: TrainConfig):
     return tqdm(total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr, dynamic_ncols=True)
 
 
-def _evaluate_epoch(run: _Run, row: dict) -> None:
+def _evaluate_epoch(run: Run, row: dict) -> None:
     cfg, splits = run.cfg, run.splits
     if splits.val_y is not None:
         v = evaluate(run.model, splits.val_x, splits.val_y, cfg.eval_batch_size, run.d, splits.num_classes)
@@ -281,7 +219,7 @@ def _evaluate_epoch(run: _Run, row: dict) -> None:
         )["acc"]
 
 
-def _end_epoch(run: _Run, row: dict, last: bool, log) -> None:
+def _end_epoch(run: Run, row: dict, last: bool, log) -> None:
     """Records the row; writes best.pt (best validation accuracy) and last.pt; logs."""
     d, has_val = run.d, run.splits.val_y is not None
     run.history.append(row)
@@ -291,7 +229,7 @@ def _end_epoch(run: _Run, row: dict, last: bool, log) -> None:
     if improved:
         run.best = {"epoch": epoch, "metric": metric}
     if improved or last or epoch % max(1, run.cfg.checkpoint_every) == 0:
-        state = _checkpoint(run, epoch)  # collective (RNG states of every rank)
+        state = checkpoint_state(run, epoch)  # collective (RNG states of every rank)
         if d.main:
             if improved:
                 save_atomic(state, run.out / "best.pt")
@@ -305,97 +243,3 @@ def _end_epoch(run: _Run, row: dict, last: bool, log) -> None:
             f"  {val}{test}  lr {row['lr']:.2e}  {row['seconds']:.1f}s {row['samples_per_s']:.0f}/s"
         )
     distributed.barrier(d)
-
-
-def _checkpoint(run: _Run, epoch: int) -> dict:
-    rngs = [rng_state()]
-    if run.d.active:
-        rngs = [None] * run.d.world
-        torch.distributed.all_gather_object(rngs, rng_state())
-    splits, model = run.splits, run.model
-    data = {
-        "mean": splits.mean,
-        "std": splits.std,
-        "num_classes": splits.num_classes,
-        "shape": list(splits.shape),
-        "info": dict(splits.info),
-    }
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "epoch": epoch,
-        "config": run.cfg.to_dict(),
-        "model_config": _plain(dataclasses.asdict(model.config)),
-        "model": model.state_dict(),
-        "optimizer": run.opt.state_dict(),
-        "scheduler": run.sched.state_dict(),
-        "rng": rngs,
-        "history": run.history,
-        "best": run.best,
-        "data": data,
-        "world_size": run.d.world,
-        "parameters": model.num_parameters,
-    }
-
-
-def _plain(v):
-    """Tuples as lists, recursively: checkpoints hold plain data."""
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return v
-
-
-def _finish(run: _Run, session_seconds: float, log) -> dict:
-    """Test accuracy with the best checkpoint's weights; results.json and plots (rank 0)."""
-    cfg, d, splits, model, out = run.cfg, run.d, run.splits, run.model, run.out
-    best_path = out / "best.pt"
-    if best_path.is_file():
-        distributed.barrier(d)
-        model.load_state_dict(load_checkpoint(best_path)["model"])
-    test = evaluate(model, splits.test_x, splits.test_y, cfg.eval_batch_size, d, splits.num_classes)
-    param_diff = distributed.max_param_diff(model, d)  # every rank must hold the same parameters
-    result = {
-        "dataset": cfg.dataset,
-        "preset": cfg.preset or default_preset(cfg.dataset)[0],
-        "test_acc": test["acc"],
-        "test_loss": test["loss"],
-        "test_correct": test["correct"],
-        "test_n": test["n"],
-        "best_epoch": run.best["epoch"],
-        "best_val_acc": run.best["metric"] if splits.val_y is not None else None,
-        "epochs": cfg.epochs,
-        "epochs_done": len(run.history),
-        "parameters": model.num_parameters,
-        "world_size": d.world,
-        "train_seconds": run.history[-1]["train_seconds"] if run.history else 0.0,
-        "run": str(out),
-        "confusion": test["confusion"],
-        "diagnostics": {"session_seconds": session_seconds, "ddp_max_param_diff": param_diff},
-    }
-    if d.main:
-        write_text_atomic(out / "results.json", json.dumps(result, indent=2) + "\n")
-        if cfg.plots:
-            _plot(run, log)
-    return result
-
-
-def _plot(run: _Run, log) -> None:
-    try:
-        from .plots import plot_curves, plot_kernels, plot_scores
-    except ImportError as exc:  # pragma: no cover
-        log(f"plots skipped: {exc}")
-        return
-    out, splits = run.out, run.splits
-    plot_curves(run.history, out / "curves.png")
-    plot_kernels(run.model, out / "kernels.png")
-    plot_scores(run.model, splits.test_x[:4].to(run.d.device), splits.test_y[:4], out / "scores.png")
-
-
-def _backend_name() -> str:
-    try:
-        import terminator.ops as ops
-
-        return ops.backend().name
-    except Exception as exc:  # pragma: no cover
-        return f"unavailable ({exc})"
