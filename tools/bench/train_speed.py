@@ -168,7 +168,8 @@ def _batch(args, preset: str) -> int:
     return args.batch or PRESETS[preset]
 
 
-def _run_worker(args, preset: str, path: str) -> dict:
+def _run_worker(args, preset: str, path: str) -> dict | str:
+    """The worker's measurements, or the reason it failed (its last line of output)."""
     cmd = [
         sys.executable,
         os.path.abspath(__file__),
@@ -191,8 +192,8 @@ def _run_worker(args, preset: str, path: str) -> dict:
     env = {**os.environ, "TERMINATOR_BACKEND": PATHS[path][0]}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
-        sys.stderr.write(out.stderr[-4000:])
-        raise SystemExit(f"the {preset}/{path} worker failed (exit {out.returncode})")
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"exit {out.returncode}: {last[:200]}"
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -227,10 +228,16 @@ def report(result: dict) -> list[str]:
                 f"  {path:<19} {tr * 1e3:9.1f} {batch / tr:10.0f} {ev * 1e3:9.1f} {batch / ev:10.0f}"
                 f" {rel:>14}  {statistics.median(data['first_train_s']):.1f}"
             )
+    for preset, failed in result.get("failures", {}).items():
+        for path, why in failed.items():
+            lines.append(f"  {preset} {path}: failed ({why})")
     lines.append("\ntargets (ratio = comparator's median time / ours; [range of the per-round ratios]):")
     for ours, other, mode, threshold, presets in TARGETS:
         for preset in presets:
             if preset not in times or ours not in times[preset] or other not in times[preset]:
+                why = result.get("failures", {}).get(preset, {}).get(other)
+                if why:
+                    lines.append(f"  n/a    {preset:<8} {mode:<5} {ours} vs {other}: the comparator failed ({why})")
                 continue
             whole, lo, hi = _ratio(times, preset, mode, ours, other)
             verdict = "met   " if whole >= threshold else "MISSED"
@@ -277,12 +284,19 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown preset(s) {unknown}; choose from {list(PRESETS)}")
     times: dict = {}
+    failures: dict = {}
     for r in range(args.rounds):
         for preset in presets:
             compiled = not args.no_compile and preset in args.compile_presets.split(",")
             paths = [q for q in PATHS if (q != "cnn" or preset == "fmnist") and (compiled or not PATHS[q][1])]
             for path in paths:
                 got = _run_worker(args, preset, path)
+                if isinstance(got, str):  # e.g. torch.compile of the reference crashing
+                    failures.setdefault(preset, {})[path] = got
+                    print(
+                        f"round {r + 1}/{args.rounds} {preset:<8} {path:<18} failed: {got}", file=sys.stderr, flush=True
+                    )
+                    continue
                 entry = times.setdefault(preset, {}).setdefault(
                     path, {"train": [], "eval": [], "first_train_s": [], "first_eval_s": []}
                 )
@@ -292,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                 entry["first_eval_s"].append(got["first_eval_s"])
                 print(
                     f"round {r + 1}/{args.rounds} {preset:<8} {path:<18} train "
-                    f"{statistics.median(got['train']) * 1e3:8.1f} ms  eval {statistics.median(got['eval']) * 1e3:8.1f} ms",
+                    f"{statistics.median(got['train']) * 1e3:8.1f} ms  "
+                    f"eval {statistics.median(got['eval']) * 1e3:8.1f} ms",
                     file=sys.stderr,
                     flush=True,
                 )
