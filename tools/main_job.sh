@@ -26,5 +26,5 @@ if [ -f "$out/results.json" ] && .venv/bin/python -c \
   rm -f "$out"/{best.pt,last.pt,metrics.csv,results.json,eval.json,curves.png,kernels.png,scores.png,config.yaml,train.log}
 fi
 mkdir -p "$out"
-OMP_NUM_THREADS=1 .venv/bin/python -m terminator train --config configs/mnist1d.yaml --resume "$@" | tee "$out/train.log"
+.venv/bin/python -m terminator train --config configs/mnist1d.yaml --resume "$@" | tee "$out/train.log"
 echo "main job: $(( $(date +%s) - start )) s wall-clock (run directory $out)"
