@@ -11,6 +11,7 @@ import csv
 import os
 import pickle
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,10 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        if not zipfile.is_zipfile(path):  # torch.save writes zip archives; this is none
+            raise CheckpointRefused(
+                f"cannot read checkpoint {path}: not a PyTorch checkpoint archive ({_first_line(exc)})"
+            ) from None
         raise CheckpointRefused(
             f"refusing to load {path}: it holds pickled objects other than tensors and plain data "
             f"(torch.load(weights_only=True) rejected it: {str(exc).splitlines()[0]})"
