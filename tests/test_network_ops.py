@@ -303,4 +303,4 @@ def test_network_matches_the_reference_backend(preset, train):
         assert (a64 - e).abs().max().item() <= 1e-9 * scale + 1e-12 * floor, (preset, i)
         ours = (results[torch.float32, "fused"][i].double() - e).abs().max().item()
         theirs = (results[torch.float32, "reference"][i].double() - e).abs().max().item()
-        assert ours <= 4 * theirs + 2e-6 * scale + 1e-6 * floor, (preset, i, ours, theirs, scale)
+        assert ours <= 4 * theirs + 8e-6 * scale + 1e-6 * floor, (preset, i, ours, theirs, scale)
