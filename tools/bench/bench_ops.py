@@ -797,11 +797,26 @@ def main(argv: list[str] | None = None) -> int:
         "copy_bandwidth_GBps": bandwidth / 1e9,
         "allocator": allocator,
         "date": time.strftime("%Y-%m-%d %H:%M"),
+        "commit": _commit(),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "results": results, "targets": targets}, indent=1))
     print(f"wrote {args.json}")
     return 0
+
+
+def _commit() -> str:
+    """The checkout's short commit hash, or "unknown" outside a git checkout."""
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ def _bench_ops():
 def ops_table(data: dict) -> list[str]:
     comparators = ["eager", "compiled", "eager FFT", "compiled FFT", "F.conv groups=C"]
     lines = [
-        f"{data['meta'].get('date', '?')}, torch {data['meta'].get('torch', '?')}, {data['meta'].get('threads')} "
+        f"{data['meta'].get('date', '?')}, commit {data['meta'].get('commit', '?')}, "
+        f"torch {data['meta'].get('torch', '?')}, {data['meta'].get('threads')} "
         f"threads, medians of {data['meta'].get('repeats')} interleaved rounds; forward+backward, ms (ratio = "
         f"that time / ours); %copy: a same-size copy's time as a share of ours.",
         "",
