@@ -180,21 +180,12 @@ def standardize(
     Returns:
         ``(B, C, *S)``, equal to ``reference.standardize``.
     """
-    if _autocast(x):
-        return reference.standardize(
-            x,
-            channels,
-            running_mean,
-            running_var,
-            use_batch_stats=use_batch_stats,
-            momentum=momentum,
-            eps=eps,
-            gelu=gelu,
-            bias=bias,
-        )
-    _checks.check_standardize_args(x, channels, running_mean, running_var, bias)
-    extra = [t for t in (running_mean, running_var, bias) if t is not None]
-    if not _fused(x, *extra) or x.numel() == 0:
+    use_reference = _autocast(x)
+    if not use_reference:
+        _checks.check_standardize_args(x, channels, running_mean, running_var, bias)
+        extra = [t for t in (running_mean, running_var, bias) if t is not None]
+        use_reference = not _fused(x, *extra) or x.numel() == 0
+    if use_reference:
         return reference.standardize(
             x,
             channels,
