@@ -53,9 +53,16 @@ class BatchStandardization(nn.Module):
 
     def forward(self, x: torch.Tensor, gelu: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Standardized ``x``; with ``gelu``, GELU of it; with ``bias`` (scalar), plus that."""
+        return self.standardize(x, "batch", gelu, bias)
+
+    def standardize(
+        self, x: torch.Tensor, channels: str | ops.ChannelGroups, gelu: bool = False, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``ops.standardize`` of ``x (B, C, *S)`` with this module's running statistics and
+        settings for its batch-standardized channels (all of them, or those of ``channels``)."""
         return ops.standardize(
             x,
-            "batch",
+            channels,
             self.running_mean,
             self.running_var,
             use_batch_stats=self.training or not self.running_stats,
@@ -98,18 +105,8 @@ class GIBS(nn.Module):
 
     def forward(self, x: torch.Tensor, gelu: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Standardized ``x``; with ``gelu``, GELU of it; with ``bias`` (scalar), plus that."""
-        bs = self.batch_std
-        return ops.standardize(
-            x,
-            ops.ChannelGroups(self.bs_index, self.in_index, self.order),
-            bs.running_mean,
-            bs.running_var,
-            use_batch_stats=bs.training or not bs.running_stats,
-            momentum=bs.momentum,
-            eps=bs.eps,
-            gelu=gelu,
-            bias=bias,
-        )
+        groups = ops.ChannelGroups(self.bs_index, self.in_index, self.order)
+        return self.batch_std.standardize(x, groups, gelu, bias)
 
     def extra_repr(self) -> str:
         return f"channels={sum(self.splits)}, groups={len(self.splits)}"
