@@ -87,3 +87,43 @@ def conv_inputs(batch, channels, spatial, kernel, form, dtype, seed):
 
 def global_ref(mode):
     return lambda k, z, x: reference.hyperzzw_global(k, z, x, mode=mode)
+
+
+# `terminator train` arguments for a network and data small enough to train in seconds.
+TINY_TRAIN_ARGS = [
+    "--set",
+    "model.channels=[1,4]",
+    "--set",
+    "model.factors=[4,2]",
+    "--set",
+    "model.previous=[[],[]]",
+    "--set",
+    "model.global_layers=[1,1]",
+    "--set",
+    "model.dropout=[0,0.05]",
+    "--set",
+    "model.global_hidden=8",
+    "--set",
+    "model.local_hidden=8",
+    "--set",
+    "model.hi_spatial_hidden=8",
+    "--set",
+    "model.gc_hidden=8",
+    "--set",
+    "model.hi_channel_hidden=8",
+    "--set",
+    "limit_train=320",
+    "--set",
+    "limit_test=120",
+    "--set",
+    "val_fraction=0.2",
+    "--set",
+    "plots=false",
+    "--set",
+    "threads=1",
+    "--set",
+    "device=cpu",
+    "--no-progress",
+    "--batch-size",
+    "64",
+]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+from helpers import TINY_TRAIN_ARGS
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
 import terminator.ops as ops
@@ -365,26 +366,7 @@ def trained_run(tmp_path_factory):
     from terminator.cli import main
 
     run = tmp_path_factory.mktemp("run") / "run"
-    tiny = [
-        "--set",
-        "model.channels=[1,4]",
-        "--set",
-        "model.factors=[4,2]",
-        "--set",
-        "model.previous=[[],[]]",
-        "--set",
-        "model.global_layers=[1,1]",
-        "--set",
-        "model.dropout=[0,0]",
-        "--set",
-        "plots=false",
-        "--set",
-        "limit_train=200",
-        "--set",
-        "limit_test=50",
-        "--no-progress",
-    ]
-    assert main(["train", "--dataset", "digits", "--epochs", "1", "--out", str(run), *tiny]) == 0
+    assert main(["train", "--dataset", "digits", "--epochs", "1", "--out", str(run), *TINY_TRAIN_ARGS]) == 0
     return run
 
 

@@ -22,48 +22,13 @@ import torch
 pytest.importorskip("yaml")
 pytest.importorskip("sklearn")
 
+from helpers import TINY_TRAIN_ARGS  # noqa: E402
+
 from terminator.cli import main  # noqa: E402
 from terminator.train import TrainConfig, load_checkpoint, load_config, load_dataset  # noqa: E402
 from terminator.train.config import parse_set  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "--set",
-    "model.channels=[1,4]",
-    "--set",
-    "model.factors=[4,2]",
-    "--set",
-    "model.previous=[[],[]]",
-    "--set",
-    "model.global_layers=[1,1]",
-    "--set",
-    "model.dropout=[0,0.05]",
-    "--set",
-    "model.global_hidden=8",
-    "--set",
-    "model.local_hidden=8",
-    "--set",
-    "model.hi_spatial_hidden=8",
-    "--set",
-    "model.gc_hidden=8",
-    "--set",
-    "model.hi_channel_hidden=8",
-    "--set",
-    "limit_train=320",
-    "--set",
-    "limit_test=120",
-    "--set",
-    "val_fraction=0.2",
-    "--set",
-    "plots=false",
-    "--set",
-    "threads=1",
-    "--set",
-    "device=cpu",
-    "--no-progress",
-    "--batch-size",
-    "64",
-]
 
 
 def _env():
@@ -116,7 +81,7 @@ def test_train_resume_eval_exact(tmp_path, capsys):
                 "stop_after=1",
                 "--set",
                 "track_test=true",
-                *TINY,
+                *TINY_TRAIN_ARGS,
             ]
         )
         == 0
@@ -130,7 +95,7 @@ def test_train_resume_eval_exact(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "resumed from epoch 1" in out
     assert _last_line(out).startswith("result: test_acc=")
-    assert main(["train", "--dataset", "digits", "--epochs", "2", "--out", str(b), *TINY]) == 0
+    assert main(["train", "--dataset", "digits", "--epochs", "2", "--out", str(b), *TINY_TRAIN_ARGS]) == 0
     sa, sb = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
     assert sa["epoch"] == sb["epoch"] == 2
     for key in sb["model"]:
@@ -161,7 +126,7 @@ class _Payload:
 
 def test_eval_refuses_pickled_payload(tmp_path):
     run = tmp_path / "run"
-    assert main(["train", "--dataset", "digits", "--epochs", "1", "--out", str(run), *TINY]) == 0
+    assert main(["train", "--dataset", "digits", "--epochs", "1", "--out", str(run), *TINY_TRAIN_ARGS]) == 0
     ck = load_checkpoint(run / "last.pt")
     ck["extra"] = _Payload()
     torch.save(ck, run / "evil.pt")
@@ -206,7 +171,8 @@ def test_fashion_idx_variants(tmp_path):
 
 def test_killed_mid_epoch_then_resumed(tmp_path):
     run = tmp_path / "run"
-    args = ["train", "--dataset", "digits", "--epochs", "6", "--out", str(run), *TINY, "--set", "limit_train=640"]
+    args = ["train", "--dataset", "digits", "--epochs", "6", "--out", str(run), *TINY_TRAIN_ARGS]
+    args += ["--set", "limit_train=640"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "terminator", *args],
         stdout=subprocess.PIPE,
@@ -258,7 +224,7 @@ def test_ddp_two_processes_identical_parameters(tmp_path):
             "1",
             "--out",
             str(run),
-            *TINY,
+            *TINY_TRAIN_ARGS,
         ],
         capture_output=True,
         text=True,
@@ -288,7 +254,7 @@ def test_plots_write_pngs(tmp_path, shape):
     from terminator.train.plots import plot_curves, plot_kernels, plot_scores, plot_time_to_accuracy
     from terminator.train.run import METRIC_FIELDS
 
-    overrides = parse_set([a for a in TINY[1::2] if a.startswith("model.")])
+    overrides = parse_set([a for a in TINY_TRAIN_ARGS[1::2] if a.startswith("model.")])
     cfg = TrainConfig(dataset="digits" if len(shape) == 3 else "mnist1d", model=overrides["model"])
     torch.manual_seed(0)
     model = build_model(cfg, shape, 10)
