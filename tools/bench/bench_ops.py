@@ -398,12 +398,17 @@ HEADER = (
 
 
 def load_results(path: Path) -> tuple[dict, list[dict]]:
-    """A saved run's meta and results, its tags as the cases make them (JSON turns the
-    spatial tuples into lists, and the targets select cases by them)."""
+    """A saved run's meta and results (:func:`saved_results`)."""
     saved = json.loads(path.read_text())
+    return saved["meta"], saved_results(saved)
+
+
+def saved_results(saved: dict) -> list[dict]:
+    """The results of a saved run's JSON, their tags as the cases make them (JSON turns the
+    spatial tuples into lists, and the targets select cases by them)."""
     for r in saved["results"]:
         r["tags"] = {k: tuple(v) if isinstance(v, list) else v for k, v in r["tags"].items()}
-    return saved["meta"], saved["results"]
+    return saved["results"]
 
 
 def print_run(results: list[dict], bandwidth: float, allocator: str | None) -> list[dict]:
@@ -787,6 +792,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             r["peak_mb"] = peaks[r["name"]]
     targets = print_run(results, bandwidth, allocator)
+    from train_speed import git_commit  # this script's folder is on sys.path
+
     meta = {
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
@@ -797,26 +804,12 @@ def main(argv: list[str] | None = None) -> int:
         "copy_bandwidth_GBps": bandwidth / 1e9,
         "allocator": allocator,
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "commit": _commit(),
+        "commit": git_commit(),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "results": results, "targets": targets}, indent=1))
     print(f"wrote {args.json}")
     return 0
-
-
-def _commit() -> str:
-    """The checkout's short commit hash, or "unknown" outside a git checkout."""
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

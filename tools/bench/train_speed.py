@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "batches": {preset: _batch(args, preset) for preset in presets},
         "date": time.strftime("%Y-%m-%d"),
-        "commit": _commit(),
+        "commit": git_commit(),
         "times": times,
     }
     print("\n".join(report(result)))
@@ -332,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _commit() -> str:
+def git_commit() -> str:
+    """The checkout's short commit hash, or "unknown" outside a git checkout."""
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
