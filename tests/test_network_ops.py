@@ -87,6 +87,18 @@ def test_pointwise_matches_its_composition(dtype, spatial, inputs):
 
 @requires_compiled
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,spatial", [(128, (40,)), (2, (20, 20)), (3, (23, 29))])
+def test_wide_pointwise_over_several_inputs_matches_its_composition(dtype, batch, spatial):
+    """Mixes wide enough for BLAS, whose inputs are gathered into one block of samples."""
+    inputs = [24, 30, 40]
+    xs = [_randn(batch, c, *spatial, seed=j).requires_grad_() for j, c in enumerate(inputs)]
+    w = _randn(48, sum(inputs), seed=7, scale=0.1).requires_grad_()
+    b = _randn(48, seed=8).requires_grad_()
+    _compare(lambda w, b, *xs: ops.pointwise(list(xs), w, b), [w, b, *xs], dtype)
+
+
+@requires_compiled
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["instance", "batch", "groups"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("spatial", [(11,), (6, 5)])

@@ -14,6 +14,23 @@ std::vector<int64_t> column_offsets(at::TensorList xs) {
   return offs;
 }
 
+// Several inputs whose whole mix goes to BLAS are first copied side by side, (Σ C_j, M),
+// so that one product runs over all of them: a product per input (K = C_j) is far below
+// BLAS's speed and rereads y once per input.
+inline bool gather_inputs(size_t inputs, int64_t cin, int64_t cout, int64_t M) {
+  return inputs > 1 && use_blas(cin, cout, M);
+}
+
+// Rows offs[j].. of block (Σ C_j, nb·N) = samples [s, s + nb) of xs[j], as to_block.
+template <typename T>
+void gather_block(const std::vector<at::Tensor>& xs, const std::vector<int64_t>& offs, int64_t s,
+                  int64_t nb, int64_t N, T* block) {
+  for (size_t j = 0; j < xs.size(); ++j) {
+    const int64_t cin = offs[j + 1] - offs[j];
+    to_block(xs[j].data_ptr<T>() + s * cin * N, nb, cin, N, block + offs[j] * nb * N);
+  }
+}
+
 template <typename T>
 void pointwise_impl(const std::vector<at::Tensor>& xs, const std::vector<int64_t>& offs,
                     const at::Tensor& w, const T* b, at::Tensor& y) {
@@ -27,6 +44,13 @@ void pointwise_impl(const std::vector<at::Tensor>& xs, const std::vector<int64_t
     const int64_t nb = b1 - b0, M = nb * N;
     std::vector<T> xb, yb(nb > 1 ? cout * M : 0);
     T* out = nb > 1 ? yb.data() : yd + b0 * cout * N;
+    if (gather_inputs(xs.size(), ldw, cout, M)) {
+      xb.resize(ldw * M);
+      gather_block(xs, offs, b0, nb, N, xb.data());
+      mix(wd, b, xb.data(), ldw, cout, M, out);
+      if (nb > 1) from_block(out, nb, cout, N, yd + b0 * cout * N);
+      return;
+    }
     for (size_t j = 0; j < xs.size(); ++j) {
       const int64_t cin = offs[j + 1] - offs[j];
       const T* in = xs[j].data_ptr<T>() + b0 * cin * N;
@@ -56,7 +80,10 @@ void pointwise_backward_impl(const at::Tensor& gy, const std::vector<at::Tensor>
   std::vector<T> slots(ch.count * slot, T(0));
   for_each_chunk(ch, B, [&](int64_t c, int64_t b0, int64_t b1) {
     T* acc = slots.data() + c * slot;
-    const int64_t per_block = block_samples(N);
+    // Equal blocks of about block_samples(N) samples (a leftover block of one sample would
+    // run at a fraction of the others' speed).
+    const int64_t blocks = std::max<int64_t>(1, (b1 - b0) / block_samples(N));
+    const int64_t per_block = (b1 - b0 + blocks - 1) / blocks;
     std::vector<T> gyb, xb, gxb;
     for (int64_t s = b0; s < b1; s += per_block) {
       const int64_t per = std::min(b1, s + per_block) - s, M = per * N;
@@ -65,6 +92,18 @@ void pointwise_backward_impl(const at::Tensor& gy, const std::vector<at::Tensor>
         gyb.resize(cout * M);
         to_block(g, per, cout, N, gyb.data());
         g = gyb.data();
+      }
+      if (gather_inputs(xs.size(), ldw, cout, M)) {
+        xb.resize(ldw * M);
+        gxb.resize(ldw * M);
+        gather_block(xs, offs, s, per, N, xb.data());
+        mix(wt.data(), static_cast<const T*>(nullptr), g, cout, ldw, M, gxb.data());
+        for (size_t j = 0; j < xs.size(); ++j) {
+          const int64_t cin = offs[j + 1] - offs[j];
+          from_block(gxb.data() + offs[j] * M, per, cin, N, gxs[j].data_ptr<T>() + s * cin * N);
+        }
+        accumulate_weight_grad(g, xb.data(), ldw, cout, M, acc, acc + cout * ldw, ldw);
+        continue;
       }
       for (size_t j = 0; j < xs.size(); ++j) {
         const int64_t cin = offs[j + 1] - offs[j];
