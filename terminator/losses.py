@@ -16,6 +16,7 @@ and the head.
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple, Sequence
 
 import torch
@@ -90,12 +91,22 @@ def _slow_ids(model: nn.Module) -> set[int]:
     return ids
 
 
+# model → (its parameters, (fast, slow)) from the last split; a training step asks every time.
+_SPLITS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """``(fast, slow)`` parameter lists of ``model`` (see the module docstring)."""
+    params = tuple(model.parameters())
+    cached = _SPLITS.get(model)
+    if cached is not None and len(cached[0]) == len(params) and all(a is b for a, b in zip(cached[0], params)):
+        fast, slow = cached[1]
+        return list(fast), list(slow)
     slow_ids = _slow_ids(model)
     fast, slow = [], []
-    for p in model.parameters():
+    for p in params:
         (slow if id(p) in slow_ids else fast).append(p)
+    _SPLITS[model] = (params, (tuple(fast), tuple(slow)))
     return fast, slow
 
 
@@ -116,8 +127,9 @@ def fast_l2_penalty(model: nn.Module, weight: float = DEFAULT_L2, squared: bool 
     fast = [p for p in fast_parameters(model) if p.requires_grad]
     if not fast:
         return torch.zeros(())
-    norms = [p.pow(2).sum() if squared else torch.linalg.vector_norm(p) for p in fast]
-    return weight * torch.stack(norms).sum()
+    if squared:
+        return weight * torch.stack([p.pow(2).sum() for p in fast]).sum()
+    return weight * torch.stack(torch._foreach_norm(fast)).sum()  # one call for all norms
 
 
 class LossParts(NamedTuple):
