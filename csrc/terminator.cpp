@@ -63,4 +63,11 @@ TORCH_LIBRARY(terminator, m) {
   m.def(
       "hyper_interaction_backward(Tensor grad, Tensor y, Tensor? x, Tensor k_c, Tensor? k_s) -> "
       "Tensor[]");
+
+  // ---- the optimizer (CPU kernel; other devices and dtypes run ATen's foreach ops) ----
+  // One Kar step over every parameter (terminator/optim.py); means[j·P + i] is parameter
+  // i's running mean with betas[j]; steps[i] += 1.
+  m.def(
+      "kar_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] means, Tensor(c!)[] steps,"
+      " float lr, float[] betas) -> ()");
 }

@@ -30,6 +30,15 @@ def _check_beta(beta: float, name: str) -> None:
         raise ValueError(f"{name} must be in [0, 1), got {beta}")
 
 
+def _fused_step_serves(params) -> bool:
+    """Whether ``torch.ops.terminator.kar_step_`` (the compiled CPU backend's one-call step;
+    it runs ATen's operations for tensors its loop does not take) serves these parameters;
+    else the foreach ops do (other devices, torch.compile, ``TERMINATOR_BACKEND=reference``)."""
+    from . import ops
+
+    return "cpu" in ops.backend().devices and params[0].device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 class _Kar(Optimizer):
     def __init__(self, params: Iterable, defaults: dict):
         if not defaults["lr"] >= 0.0:
@@ -63,6 +72,10 @@ class _Kar(Optimizer):
                         state[f"exp_avg_{n + 1}"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             states = [self.state[p] for p in params]
             means = [[st[f"exp_avg_{n + 1}"] for st in states] for n in range(len(betas))]
+            steps = [st["step"] for st in states]
+            if _fused_step_serves(params):
+                torch.ops.terminator.kar_step_(params, grads, [m for ms in means for m in ms], steps, lr, list(betas))
+                continue
             # One multi-tensor kernel per operation instead of one kernel per parameter.
             direction = torch._foreach_sign(grads)
             for m in means:
@@ -70,7 +83,7 @@ class _Kar(Optimizer):
             torch._foreach_add_(params, direction, alpha=-lr)
             for m, beta in zip(means, betas):
                 torch._foreach_lerp_(m, grads, 1.0 - beta)
-            torch._foreach_add_([st["step"] for st in states], 1)
+            torch._foreach_add_(steps, 1)
         return loss
 
 

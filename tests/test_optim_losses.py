@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from nn_helpers import single_thread, tiny_input, tiny_model  # noqa: F401 (autouse fixture)
 
+import terminator.ops as ops
+from terminator import optim
 from terminator.losses import (
     LabelSmoothedCrossEntropy,
     TerminatorLoss,
@@ -110,6 +112,44 @@ def test_state_dict_round_trip_resumes_exactly(opt_cls, tmp_path):
     step(twin, twin_opt)
     for (n, a), b in zip(model.named_parameters(), twin.parameters()):
         assert torch.equal(a, b), n
+
+
+@pytest.mark.skipif(ops.backend().name == "reference", reason="compiled backend not active")
+@pytest.mark.parametrize("opt_cls", [Kar2, Kar3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_call_step_equals_the_foreach_step_bitwise(opt_cls, dtype, monkeypatch):
+    """torch.ops.terminator.kar_step_ against the foreach ops it replaces: zero, NaN and
+    non-contiguous gradients, a parameter its loop does not take (float16), sizes with tails."""
+    shapes = [(3, 4), (37,), (1,), (2, 5, 17)]
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+
+    def run(fused: bool):
+        monkeypatch.setattr(optim, "_fused_step_serves", lambda params: fused)
+        params = [torch.nn.Parameter(t.to(dtype).clone()) for t in start]
+        params.append(torch.nn.Parameter(torch.randn(6, generator=torch.Generator().manual_seed(1)).half()))
+        opt = opt_cls(params, lr=0.01)
+        for step in range(5):
+            g_gen = torch.Generator().manual_seed(10 + step)
+            for p in params:
+                g = torch.randn(p.shape[::-1], generator=g_gen, dtype=torch.float64).to(p.dtype)
+                g.view(-1)[0] = 0.0
+                g = g.permute(*reversed(range(g.dim())))  # non-contiguous where dim > 1
+                if step == 3 and p.numel() == 37:
+                    g = g.clone()
+                    g[5] = float("nan")
+                p.grad = g
+            opt.step()
+        return params, opt
+
+    fused, fused_opt = run(True)
+    plain, plain_opt = run(False)
+    for a, b in zip(fused, plain):
+        assert torch.equal(a, b) or torch.allclose(a, b, equal_nan=True, rtol=0, atol=0)
+        sa, sb = fused_opt.state[a], plain_opt.state[b]
+        assert sa.keys() == sb.keys() and sa["step"].item() == sb["step"].item() == 5
+        for key in sa:
+            assert torch.allclose(sa[key], sb[key], equal_nan=True, rtol=0, atol=0), key
 
 
 # ---------------------------------------------------------------- losses

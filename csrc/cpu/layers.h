@@ -57,5 +57,10 @@ std::vector<at::Tensor> hyper_interaction_backward(const at::Tensor& grad, const
                                                    const at::Tensor& kc,
                                                    const std::optional<at::Tensor>& ks);
 
+// One Kar step: p ← p − lr·(sign(g) + Σ_j sign(m_j)), m_j ← lerp(m_j, g, 1 − β_j), step += 1;
+// means[j·P + i] is parameter i's running mean j.
+void kar_step_(at::TensorList params, at::TensorList grads, at::TensorList means,
+               at::TensorList steps, double lr, at::ArrayRef<double> betas);
+
 }  // namespace cpu
 }  // namespace terminator

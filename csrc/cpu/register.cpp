@@ -1,5 +1,5 @@
 // Registers the ops for the CPU dispatch key: the HyperZ·Z·W ops (ops_impl.h over the
-// kernels of kernels.h) and the network's layers (layers.h).
+// kernels of kernels.h) and the network's layers and the optimizer step (layers.h).
 #include <torch/library.h>
 
 #include "../ops_impl.h"
@@ -20,6 +20,7 @@ TORCH_LIBRARY_IMPL(terminator, CPU, m) {
   m.impl("local_kernel_backward", &cpu::local_kernel_backward);
   m.impl("hyper_interaction", &cpu::hyper_interaction);
   m.impl("hyper_interaction_backward", &cpu::hyper_interaction_backward);
+  m.impl("kar_step_", &cpu::kar_step_);
 }
 
 }  // namespace terminator

@@ -526,6 +526,8 @@ def register() -> None:
         op = getattr(ops, name).default
         torch.library.register_fake(f"terminator::{name}", fake, lib=_lib)
         _lib.impl(name, _autograd_kernel(name, op, kernel), "Autograd")
+    # The optimizer's step mutates its arguments in place and returns nothing.
+    torch.library.register_fake("terminator::kar_step_", lambda *args: None, lib=_lib)
     _ops = ops
 
 
