@@ -9,6 +9,7 @@ import torch
 from nn_helpers import single_thread  # noqa: F401 (autouse fixture)
 
 import terminator.nn as tnn
+from terminator.optim import Kar3
 
 
 @pytest.mark.parametrize("size", [(7,), (5, 6)])
@@ -90,17 +91,23 @@ def test_global_kernel_cached_in_eval_and_equal_to_recomputed():
         k2 = g()
     assert k1 is k2  # served from the cache
     assert torch.equal(k1, g.compute_kernel())
+    g.eval()
+    with torch.no_grad():
+        assert g() is k1  # eval() keeps a valid cache
     g.train()
     assert g._kernel_cache is None  # training drops the cache
     k3 = g()
     assert k3 is not g() and torch.equal(k3, k1)
 
 
-def test_global_kernel_cache_invalidated_by_optimizer_step():
+@pytest.mark.parametrize("optimizer", ["sgd", "kar3"])
+def test_global_kernel_cache_invalidated_by_optimizer_step(optimizer):
+    """Kar3's one-call step on the compiled CPU backend writes through data pointers: it must
+    bump the version counters as an in-place ATen op does."""
     g = _cached_g().eval()
     with torch.no_grad():
         before = g()
-    opt = torch.optim.SGD(g.parameters(), lr=0.1)
+    opt = torch.optim.SGD(g.parameters(), lr=0.1) if optimizer == "sgd" else Kar3(g.parameters(), lr=0.1)
     g().pow(2).sum().backward()  # eval with grad enabled: computed afresh, never cached
     opt.step()
     with torch.no_grad():

@@ -1,6 +1,7 @@
 // The Kar optimizers' step over every parameter in one call (terminator/optim.py): the
 // per-parameter ATen calls of the same step cost more than its arithmetic.
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <cmath>
 
@@ -100,10 +101,15 @@ void kar_step_(at::TensorList params, at::TensorList grads, at::TensorList means
           kar_step_impl<scalar_t, 0>(pd, gd, m, betas.data(), k, alpha, p.numel());
       });
     }
+    // Written through data pointers, so their version counters are bumped here (as an
+    // in-place ATen op's are): the kernel caches and autograd see the new values.
+    torch::autograd::impl::bump_version(p);
+    for (int j = 0; j < k; ++j) torch::autograd::impl::bump_version(means[j * count + i]);
     const auto& step = steps[i];
-    if (step.device().is_cpu() && step.scalar_type() == at::kFloat && step.numel() == 1)
+    if (step.device().is_cpu() && step.scalar_type() == at::kFloat && step.numel() == 1) {
       *step.data_ptr<float>() += 1.0f;
-    else
+      torch::autograd::impl::bump_version(step);
+    } else
       const_cast<at::Tensor&>(step).add_(1);
   }
 }
