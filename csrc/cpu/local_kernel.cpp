@@ -29,29 +29,47 @@ struct Geometry {
   int64_t N;                  // input positions
 };
 
-// pooled (C, Nk) of one sample's planes u (C, N): rows of a bin summed first (vectorized
-// over the row), then the columns of each bin.
+// The bins [start, end) of an adaptive average pool from S to K, and their sizes.
+struct Bins {
+  std::vector<int64_t> start, end;
+  Bins(int64_t S, int64_t K) : start(K), end(K) {
+    for (int64_t i = 0; i < K; ++i) start[i] = pool_start(i, S, K), end[i] = pool_end(i, S, K);
+  }
+  int64_t size(int64_t i) const { return end[i] - start[i]; }
+};
+
+// pooled (C, Nk) of one sample's planes u (C, N): in 2D the rows of a bin summed first
+// (vectorized over the row), then the columns of each bin; in 1D each bin straight from u.
 template <typename T>
 void pool(const Geometry& g, const T* u, T* pooled) {
   const int64_t Sh = g.d == 2 ? g.S[0] : 1, Sw = g.S.back();
   const int64_t Kh = g.d == 2 ? g.K[0] : 1, Kw = g.K.back();
+  const Bins rows_of(Sh, Kh), cols_of(Sw, Kw);
+  if (g.d == 1) {
+    for (int64_t c = 0; c < g.C; ++c) {
+      const T* uc = u + c * g.N;
+      for (int64_t j = 0; j < Kw; ++j) {
+        T s = 0;
+        for (int64_t q = cols_of.start[j]; q < cols_of.end[j]; ++q) s += uc[q];
+        pooled[c * g.Nk + j] = s / T(cols_of.size(j));
+      }
+    }
+    return;
+  }
   std::vector<T> rows(Sw);
   for (int64_t c = 0; c < g.C; ++c) {
     const T* uc = u + c * g.N;
     for (int64_t i = 0; i < Kh; ++i) {
-      const int64_t h0 = pool_start(i, Sh, Kh), h1 = pool_end(i, Sh, Kh);
       std::fill(rows.begin(), rows.end(), T(0));
-      for (int64_t r = h0; r < h1; ++r) {
+      for (int64_t r = rows_of.start[i]; r < rows_of.end[i]; ++r) {
         const T* ur = uc + r * Sw;
 #pragma omp simd
         for (int64_t q = 0; q < Sw; ++q) rows[q] += ur[q];
       }
       for (int64_t j = 0; j < Kw; ++j) {
-        const int64_t w0 = pool_start(j, Sw, Kw), w1 = pool_end(j, Sw, Kw);
         T s = 0;
-#pragma omp simd reduction(+ : s)
-        for (int64_t q = w0; q < w1; ++q) s += rows[q];
-        pooled[c * g.Nk + i * Kw + j] = s / T((h1 - h0) * (w1 - w0));
+        for (int64_t q = cols_of.start[j]; q < cols_of.end[j]; ++q) s += rows[q];
+        pooled[c * g.Nk + i * Kw + j] = s / T(rows_of.size(i) * cols_of.size(j));
       }
     }
   }
@@ -62,19 +80,28 @@ template <typename T>
 void pool_backward(const Geometry& g, const T* g_pooled, T scale, T* gu) {
   const int64_t Sh = g.d == 2 ? g.S[0] : 1, Sw = g.S.back();
   const int64_t Kh = g.d == 2 ? g.K[0] : 1, Kw = g.K.back();
+  const Bins rows_of(Sh, Kh), cols_of(Sw, Kw);
   std::fill(gu, gu + g.C * g.N, T(0));
+  if (g.d == 1) {
+    for (int64_t c = 0; c < g.C; ++c) {
+      T* gc = gu + c * g.N;
+      for (int64_t j = 0; j < Kw; ++j) {
+        const T v = g_pooled[c * g.Nk + j] * scale / T(cols_of.size(j));
+        for (int64_t q = cols_of.start[j]; q < cols_of.end[j]; ++q) gc[q] += v;
+      }
+    }
+    return;
+  }
   std::vector<T> cols(Sw);
   for (int64_t c = 0; c < g.C; ++c) {
     T* gc = gu + c * g.N;
     for (int64_t i = 0; i < Kh; ++i) {
-      const int64_t h0 = pool_start(i, Sh, Kh), h1 = pool_end(i, Sh, Kh);
       std::fill(cols.begin(), cols.end(), T(0));
       for (int64_t j = 0; j < Kw; ++j) {
-        const int64_t w0 = pool_start(j, Sw, Kw), w1 = pool_end(j, Sw, Kw);
-        const T v = g_pooled[c * g.Nk + i * Kw + j] * scale / T((h1 - h0) * (w1 - w0));
-        for (int64_t q = w0; q < w1; ++q) cols[q] += v;
+        const T v = g_pooled[c * g.Nk + i * Kw + j] * scale / T(rows_of.size(i) * cols_of.size(j));
+        for (int64_t q = cols_of.start[j]; q < cols_of.end[j]; ++q) cols[q] += v;
       }
-      for (int64_t r = h0; r < h1; ++r) {
+      for (int64_t r = rows_of.start[i]; r < rows_of.end[i]; ++r) {
         T* gr = gc + r * Sw;
 #pragma omp simd
         for (int64_t q = 0; q < Sw; ++q) gr[q] += cols[q];
