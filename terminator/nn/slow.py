@@ -143,7 +143,8 @@ class CachedKernel(nn.Module):
     inference) it computes once and reuses the result while the parameters and
     buffers are the same tensors with the same version counters, device and dtype:
     an optimizer step, ``load_state_dict``, ``.to()`` or any in-place update through
-    the tensor itself makes it recompute; ``train()`` drops the cache. Writes through
+    the tensor itself makes it recompute; ``train()`` drops the cache (``eval()`` keeps a
+    valid one, so inference loops that call ``eval()`` per batch reuse it). Writes through
     ``.data`` bypass version counters: call :meth:`clear_kernel_cache` after those.
     """
 
@@ -158,7 +159,8 @@ class CachedKernel(nn.Module):
         self._kernel_cache = None
 
     def train(self, mode: bool = True):
-        self._kernel_cache = None
+        if mode:
+            self._kernel_cache = None
         return super().train(mode)
 
     def _state_key(self) -> tuple:
