@@ -38,6 +38,20 @@ struct Bins {
   int64_t size(int64_t i) const { return end[i] - start[i]; }
 };
 
+// Σ p[0..n): vectorized for long bins; a plain loop for short ones (MNIST-1D's are 4-6 long),
+// where a vector reduction's setup costs more than the sum.
+template <typename T>
+inline T bin_sum(const T* p, int64_t n) {
+  T s = 0;
+  if (n >= 16) {
+#pragma omp simd reduction(+ : s)
+    for (int64_t q = 0; q < n; ++q) s += p[q];
+  } else {
+    for (int64_t q = 0; q < n; ++q) s += p[q];
+  }
+  return s;
+}
+
 // pooled (C, Nk) of one sample's planes u (C, N): in 2D the rows of a bin summed first
 // (vectorized over the row), then the columns of each bin; in 1D each bin straight from u.
 template <typename T>
@@ -49,8 +63,7 @@ void pool(const Geometry& g, const T* u, T* pooled) {
     for (int64_t c = 0; c < g.C; ++c) {
       const T* uc = u + c * g.N;
       for (int64_t j = 0; j < Kw; ++j) {
-        T s = 0;
-        for (int64_t q = cols_of.start[j]; q < cols_of.end[j]; ++q) s += uc[q];
+        const T s = bin_sum(uc + cols_of.start[j], cols_of.size(j));
         pooled[c * g.Nk + j] = s / T(cols_of.size(j));
       }
     }
@@ -67,8 +80,7 @@ void pool(const Geometry& g, const T* u, T* pooled) {
         for (int64_t q = 0; q < Sw; ++q) rows[q] += ur[q];
       }
       for (int64_t j = 0; j < Kw; ++j) {
-        T s = 0;
-        for (int64_t q = cols_of.start[j]; q < cols_of.end[j]; ++q) s += rows[q];
+        const T s = bin_sum(rows.data() + cols_of.start[j], cols_of.size(j));
         pooled[c * g.Nk + i * Kw + j] = s / T(rows_of.size(i) * cols_of.size(j));
       }
     }
