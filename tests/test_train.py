@@ -273,3 +273,17 @@ def test_plots_write_pngs(tmp_path, shape):
 def test_main_job_config_parses():
     cfg = load_config(ROOT / "configs" / "mnist1d.yaml")
     assert cfg.dataset == "mnist1d" and cfg.preset == "mnist1d" and cfg.out == "runs/mnist1d"
+
+
+def test_keep_freed_memory_sets_glibc_thresholds_unless_the_user_did(monkeypatch):
+    from terminator.train.allocator import USER_SETTINGS, keep_freed_memory
+
+    for name in USER_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    try:
+        glibc = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
+    except (ValueError, OSError):
+        glibc = False
+    assert keep_freed_memory() is glibc
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1048576")
+    assert keep_freed_memory() is False  # the user's setting decides

@@ -9,6 +9,7 @@ scikit-learn). ``terminator train`` / ``terminator eval`` drive it from the comm
     run.py          a run's state and its directory: metrics.csv, checkpoint contents, results.json
     checkpoint.py   atomic writes, validated checkpoint loads, RNG states
     distributed.py  single process or a DDP rank under torchrun
+    allocator.py    glibc keeps freed tensor memory for the next step
     evaluation.py   accuracy, loss and confusion matrix of a model or a checkpoint
     plots.py        learning curves, hyper-kernels, scores
 """

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .allocator import keep_freed_memory
 from .checkpoint import load_checkpoint, model_from_checkpoint, write_text_atomic
 from .config import TrainConfig
 from .data import load_dataset
@@ -77,6 +78,7 @@ def evaluate_checkpoint(
     cfg = TrainConfig.from_dict(ckpt["config"])
     if threads or cfg.threads:
         torch.set_num_threads(threads or cfg.threads)
+    keep_freed_memory()
     if data_dir is not None:
         cfg.data_dir = data_dir
     if dataset is not None:

@@ -15,6 +15,7 @@ from ..losses import TerminatorLoss
 from ..models.terminator import Terminator
 from ..optim import Kar2, Kar3
 from . import distributed
+from .allocator import keep_freed_memory
 from .checkpoint import (
     check_resumable,
     load_checkpoint,
@@ -74,6 +75,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> dict:
     ckpt, ckpt_path = _checkpoint_to_resume(out, resume, d, log)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    keep_freed_memory()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)

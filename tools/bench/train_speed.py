@@ -117,8 +117,10 @@ def worker(args) -> None:
     import torch
 
     import terminator.ops as ops
+    from terminator.train.allocator import keep_freed_memory
 
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # every path, as `terminator train` runs
     train, infer = _steps(args.preset, args.batch_size, args.path, args.seed)
     train_times, first_train = _timed(train, args.warmup, args.steps)
     eval_times, first_eval = _timed(infer, args.warmup, args.steps)
@@ -141,7 +143,10 @@ def profile(preset: str, batch: int, threads: int, top: int) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    from terminator.train.allocator import keep_freed_memory
+
     torch.set_num_threads(threads)
+    keep_freed_memory()
     train, _ = _steps(preset, batch, "ours", 0)
     for _ in range(2):
         train()
