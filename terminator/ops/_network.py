@@ -96,6 +96,15 @@ def _below_autograd(op, *args):
         return op(*args)
 
 
+def _backward_op(function, *args):
+    """A layer's backward op through ``function`` (its autograd.Function) when autograd
+    records it (``create_graph``: double backward), else ``function.forward`` alone: a plain
+    backward pass skips building a node nobody differentiates."""
+    if _C.is_grad_enabled():
+        return function.apply(*args)
+    return function.forward(*args)
+
+
 # ---- pointwise: y = weight · cat(xs) + bias ------------------------------------------------
 
 
@@ -125,7 +134,7 @@ class _PointwiseFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         weight, *xs = ctx.saved_tensors
-        *grad_xs, grad_w, grad_b = _PointwiseBackwardFunction.apply(grad_y, weight, ctx.has_bias, *xs)
+        *grad_xs, grad_w, grad_b = _backward_op(_PointwiseBackwardFunction, grad_y, weight, ctx.has_bias, *xs)
         return (grad_w, grad_b if ctx.has_bias else None, *grad_xs)
 
     jvp = _no_forward_ad("pointwise")
@@ -288,7 +297,7 @@ class _RguFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_r):
-        return tuple(_RguBackwardFunction.apply(grad_r, *ctx.saved_tensors))
+        return tuple(_backward_op(_RguBackwardFunction, grad_r, *ctx.saved_tensors))
 
     jvp = _no_forward_ad("rgu")
 
@@ -369,7 +378,7 @@ class _LocalKernelFunction(torch.autograd.Function):
     def backward(ctx, g_kernel):
         kernel_size, batch_context, layers = ctx.args
         u, *flat = ctx.saved_tensors
-        grads = _LocalKernelBackwardFunction.apply(g_kernel, u, kernel_size, batch_context, layers, *flat)
+        grads = _backward_op(_LocalKernelBackwardFunction, g_kernel, u, kernel_size, batch_context, layers, *flat)
         return (grads[0], None, None, None, None, *grads[1:])
 
     jvp = _no_forward_ad("local_kernel")
@@ -464,7 +473,7 @@ class _HyperInteractionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         y, x, k_c, k_s = ctx.saved_tensors
-        g_y, g_x, g_kc, g_ks = _HyperInteractionBackwardFunction.apply(grad, y, x, k_c, k_s)
+        g_y, g_x, g_kc, g_ks = _backward_op(_HyperInteractionBackwardFunction, grad, y, x, k_c, k_s)
         return g_y, (g_x if x is not None else None), g_kc, (g_ks if k_s is not None else None)
 
     jvp = _no_forward_ad("hyper_interaction")
