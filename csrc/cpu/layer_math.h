@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "../common.h"
@@ -305,6 +306,26 @@ std::vector<T> transposed(const T* w, int64_t cout, int64_t cin, int64_t ldw = -
     for (int64_t i = 0; i < cin; ++i) wt[i * cout + o] = w[o * ldw + i];
   return wt;
 }
+
+// A std::vector whose resize leaves new values uninitialized: scratch planes that are
+// written before they are read skip the zero fill.
+template <typename T>
+struct DefaultInit : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = DefaultInit<U>;
+  };
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... A>
+  void construct(U* p, A&&... a) {
+    ::new (static_cast<void*>(p)) U(std::forward<A>(a)...);
+  }
+};
+template <typename T>
+using Scratch = std::vector<T, DefaultInit<T>>;
 
 // ---- deterministic batch reductions ----------------------------------------------
 // Work is cut into fixed chunks of samples (independent of the thread count); each chunk

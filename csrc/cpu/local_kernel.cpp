@@ -135,21 +135,25 @@ struct Params {
 
 // What the forward of a block of samples keeps: per layer the pre-normalization values,
 // the normalized-and-scaled values n and the gates; the hidden states h; per unit and
-// sample the norm's divisor. Planes (H, M) with M = samples·Nk.
+// sample the norm's divisor. Planes (H, M) with M = samples·Nk. h_0 and layer 1's linear
+// are the same for every sample: they are read from Shared, and h[0], lin[0] stay empty.
 template <typename T>
 struct Trace {
-  std::vector<T> c1, c2, ctx;
-  std::vector<std::vector<T>> h;                  // h_0..h_L
-  std::vector<std::vector<T>> lin, pre, n, gate;  // layers 1..L
-  std::vector<std::vector<T>> denom;              // layers 1..L, (H, samples)
+  Scratch<T> c1, c2, ctx;
+  std::vector<Scratch<T>> h;                  // h_0..h_L
+  std::vector<Scratch<T>> lin, pre, n, gate;  // layers 1..L
+  std::vector<Scratch<T>> denom;              // layers 1..L, (H, samples)
   Trace(const Geometry& g, int64_t samples) {
     const int64_t M = samples * g.Nk;
-    c1.resize(g.H * M);
-    c2 = ctx = c1;
-    h.assign(g.L + 1, c1);
-    lin.assign(g.L, c1);
-    pre = n = gate = lin;
-    denom.assign(g.L, std::vector<T>(g.H * samples));
+    for (auto* v : {&c1, &c2, &ctx}) v->resize(g.H * M);
+    h.resize(g.L + 1);
+    for (auto* layers : {&lin, &pre, &n, &gate, &denom}) layers->resize(g.L);
+    for (int64_t i = 0; i < g.L; ++i) {
+      if (i > 0) lin[i].resize(g.H * M);
+      h[i + 1].resize(g.H * M);
+      for (auto* v : {&pre[i], &n[i], &gate[i]}) v->resize(g.H * M);
+      denom[i].resize(g.H * samples);
+    }
   }
 };
 
@@ -176,7 +180,7 @@ void filter_sines(const Geometry& g, const Params<T>& P, std::vector<std::vector
 template <typename T>
 struct Shared {
   std::vector<std::vector<T>> s;
-  std::vector<T> lin1, p;
+  std::vector<T> s0, lin1, p;  // s0: s_0 untiled, (H, Nk)
   Shared(const Geometry& g, const Params<T>& P, const std::vector<std::vector<T>>& sines,
          int64_t samples) {
     const int64_t Nk = g.Nk, M = samples * Nk;
@@ -188,6 +192,7 @@ struct Shared {
       return out;
     };
     for (const auto& si : sines) s.push_back(tile(si.data(), g.H));
+    s0 = sines[0];
     std::vector<T> l1(g.H * Nk);
     mix(P.lw[0], P.lb[0], sines[0].data(), g.H, g.H, Nk, l1.data());
     lin1 = tile(l1.data(), g.H);
@@ -204,18 +209,15 @@ void block_forward(const Geometry& g, const Params<T>& P, const Shared<T>& sh, i
   mix(P.rw, P.rb, pooled, g.C, H, M, t.c1.data());
   mix(P.cw, P.cb, t.c1.data(), H, H, M, t.c2.data());
   for (int64_t j = 0; j < H * M; ++j) t.ctx[j] = gelu(t.c2[j]);
-  for (int64_t u = 0; u < H; ++u) std::memcpy(&t.h[0][u * M], &sh.s[0][u * ld], M * sizeof(T));
   for (int64_t i = 1; i <= g.L; ++i) {
-    auto& lin = t.lin[i - 1];
-    if (i == 1) {  // h_0 is shared, so is its first linear
-      for (int64_t u = 0; u < H; ++u) std::memcpy(&lin[u * M], &sh.lin1[u * ld], M * sizeof(T));
-    } else {
-      mix(P.lw[i - 1], P.lb[i - 1], t.h[i - 1].data(), H, H, M, lin.data());
-    }
+    // h_0 is shared, so is its first linear: layer 1 reads it from sh (row stride ld).
+    if (i > 1) mix(P.lw[i - 1], P.lb[i - 1], t.h[i - 1].data(), H, H, M, t.lin[i - 1].data());
+    const T* lin = i == 1 ? sh.lin1.data() : t.lin[i - 1].data();
+    const int64_t ldl = i == 1 ? ld : M;
     mix(P.gw[i - 1], P.gb[i - 1], t.ctx.data(), H, H, M, t.gate[i - 1].data());
     for (int64_t u = 0; u < H; ++u) {
       const T* su = &sh.s[i][u * ld];
-      const T* lu = &lin[u * M];
+      const T* lu = lin + u * ldl;
       T* pu = &t.pre[i - 1][u * M];
       T* nu = &t.n[i - 1][u * M];
       const T* gu = &t.gate[i - 1][u * M];
@@ -310,15 +312,16 @@ void block_backward(const Geometry& g, const Params<T>& P, const Shared<T>& sh,
   const int64_t H = g.H, Nk = g.Nk, L = g.L, M = nb * Nk, ld = sh.p.size();
   // wt: transposed weights: [0] output (H, C), [1..L] linears, [L+1..2L] gates, [2L+1] fc, [2L+2]
   // reduce
-  std::vector<T> gh(H * M), g_ctx(H * M, T(0)), g_pre(H * M), g_gate(H * M), g_lin(H * M),
-      g_s(H * M);
+  Scratch<T> gh(H * M), g_pre(H * M), g_gate(H * M), g_lin(H * M), g_s(H * M);
+  std::vector<T> g_ctx(H * M, T(0));
   accumulate_weight_grad(g_kernel, t.h[L].data(), H, g.C, M, G.ow.data(), G.ob.data());
   mix(wt[0].data(), static_cast<const T*>(nullptr), g_kernel, g.C, H, M, gh.data());
   for (int64_t i = L; i >= 1; --i) {
     const auto& pre = t.pre[i - 1];
     const auto& n = t.n[i - 1];
     const auto& gate = t.gate[i - 1];
-    const auto& lin = t.lin[i - 1];
+    const T* lin = i == 1 ? sh.lin1.data() : t.lin[i - 1].data();
+    const int64_t ldl = i == 1 ? ld : M;
     for (int64_t u = 0; u < H; ++u) {
       const T* ghu = &gh[u * M];
       const T* nu = &n[u * M];
@@ -359,7 +362,7 @@ void block_backward(const Geometry& g, const Params<T>& P, const Shared<T>& sh,
     // pre = s_i ⊙ lin + P
     for (int64_t u = 0; u < H; ++u) {
       const T* gpu = &g_pre[u * M];
-      const T* lu = &lin[u * M];
+      const T* lu = lin + u * ldl;
       const T* su = &sh.s[i][u * ld];
       T* glu = &g_lin[u * M];
       T* gsu = &g_s[u * M];
@@ -378,13 +381,21 @@ void block_backward(const Geometry& g, const Params<T>& P, const Shared<T>& sh,
     }
     add_segments(gp.data(), 1, nb, Nk, G.p.data());
     // lin = W_l h_{i-1} + b_l
-    accumulate_weight_grad(g_lin.data(), t.h[i - 1].data(), H, H, M, G.lw[i - 1].data(),
-                           G.lb[i - 1].data());
-    mix(wt[i].data(), static_cast<const T*>(nullptr), g_lin.data(), H, H, M, gh.data());
+    if (i > 1) {
+      accumulate_weight_grad(g_lin.data(), t.h[i - 1].data(), H, H, M, G.lw[i - 1].data(),
+                             G.lb[i - 1].data());
+      mix(wt[i].data(), static_cast<const T*>(nullptr), g_lin.data(), H, H, M, gh.data());
+    } else {
+      // h_0 = s_0 is the same for every sample: its products run once over the samples' sum.
+      std::vector<T> g_lin1(H * Nk, T(0)), g_h0(H * Nk);
+      add_segments(g_lin.data(), H, nb, Nk, g_lin1.data());
+      accumulate_weight_grad(g_lin1.data(), sh.s0.data(), H, H, Nk, G.lw[0].data(), G.lb[0].data());
+      mix(wt[1].data(), static_cast<const T*>(nullptr), g_lin1.data(), H, H, Nk, g_h0.data());
+      add_segments(g_h0.data(), H, 1, Nk, G.fs[0].data());  // h_0 = s_0
+    }
   }
-  add_segments(gh.data(), H, nb, Nk, G.fs[0].data());  // h_0 = s_0
   // ctx = GELU(c2), c2 = W_f c1 + b_f, c1 = W_r pooled + b_r
-  std::vector<T> g_c2(H * M), g_c1(H * M);
+  Scratch<T> g_c2(H * M), g_c1(H * M);
   for (int64_t j = 0; j < H * M; ++j) g_c2[j] = g_ctx[j] * gelu_grad(t.c2[j]);
   accumulate_weight_grad(g_c2.data(), t.c1.data(), H, H, M, G.cw.data(), G.cb.data());
   mix(wt[2 * L + 1].data(), static_cast<const T*>(nullptr), g_c2.data(), H, H, M, g_c1.data());
@@ -509,7 +520,7 @@ void local_kernel_impl(const at::Tensor& u, const Geometry& g, const std::vector
   for_each_chunk(ch, G, [&](int64_t, int64_t b0, int64_t b1) {
     const int64_t nb = b1 - b0;
     Trace<T> t(g, nb);
-    std::vector<T> in(nb * plane), res(nb * plane);
+    Scratch<T> in(nb * plane), res(nb * plane);
     to_block(pooled.data() + b0 * plane, nb, g.C, g.Nk, in.data());
     block_forward(g, P, sh, nb, in.data(), t, res.data());
     from_block(res.data(), nb, g.C, g.Nk, out + b0 * plane);
@@ -541,7 +552,7 @@ void local_kernel_backward_impl(const at::Tensor& gk_, const at::Tensor& u, cons
   for_each_chunk(ch, G, [&](int64_t q, int64_t b0, int64_t b1) {
     const int64_t nb = b1 - b0;
     Trace<T> t(g, nb);
-    std::vector<T> in(nb * plane), res(nb * plane), gin(nb * plane), gout(nb * plane);
+    Scratch<T> in(nb * plane), res(nb * plane), gin(nb * plane), gout(nb * plane);
     to_block(pooled.data() + b0 * plane, nb, g.C, Nk, in.data());
     to_block(gk + b0 * plane, nb, g.C, Nk, gin.data());
     block_forward(g, P, sh, nb, in.data(), t, res.data());
