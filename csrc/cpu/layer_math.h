@@ -370,6 +370,13 @@ inline int64_t block_samples(int64_t N) {
   return std::max<int64_t>(1, (256 + N - 1) / std::max<int64_t>(1, N));
 }
 
+// Samples per block when a chunk of `samples` samples is cut into equal blocks of about
+// block_samples(N) (a leftover block of one short plane runs at a fraction of the speed).
+inline int64_t equal_block_samples(int64_t samples, int64_t N) {
+  const int64_t blocks = std::max<int64_t>(1, samples / block_samples(N));
+  return (samples + blocks - 1) / blocks;
+}
+
 // fn(chunk, b0, b1) for every chunk, in parallel.
 template <class Fn>
 void for_each_chunk(const Chunks& ch, int64_t B, const Fn& fn) {

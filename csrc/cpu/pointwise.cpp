@@ -80,10 +80,7 @@ void pointwise_backward_impl(const at::Tensor& gy, const std::vector<at::Tensor>
   std::vector<T> slots(ch.count * slot, T(0));
   for_each_chunk(ch, B, [&](int64_t c, int64_t b0, int64_t b1) {
     T* acc = slots.data() + c * slot;
-    // Equal blocks of about block_samples(N) samples (a leftover block of one sample would
-    // run at a fraction of the others' speed).
-    const int64_t blocks = std::max<int64_t>(1, (b1 - b0) / block_samples(N));
-    const int64_t per_block = (b1 - b0 + blocks - 1) / blocks;
+    const int64_t per_block = equal_block_samples(b1 - b0, N);
     std::vector<T> gyb, xb, gxb;
     for (int64_t s = b0; s < b1; s += per_block) {
       const int64_t per = std::min(b1, s + per_block) - s, M = per * N;

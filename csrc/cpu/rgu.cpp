@@ -17,7 +17,7 @@ constexpr double kInstanceEps = 1e-5;
 template <typename T>
 struct RguBlock {
   int64_t C, N, nb, M;
-  std::vector<T> a, v, q, n, e, rstd;
+  Scratch<T> a, v, q, n, e, rstd;
   RguBlock(int64_t C_, int64_t N_, int64_t nb_)
       : C(C_),
         N(N_),
@@ -89,7 +89,7 @@ void rgu_forward_impl(const at::Tensor& u, const std::vector<at::Tensor>& w, at:
     for (int64_t q = q0; q < q1; ++q) {
       const int64_t b0 = q * per, nb = std::min(B, b0 + per) - b0;
       RguBlock<T> s(C, N, nb);
-      std::vector<T> in(nb > 1 ? C * s.M : 0), out(nb > 1 ? C * s.M : 0);
+      Scratch<T> in(nb > 1 ? C * s.M : 0), out(nb > 1 ? C * s.M : 0);
       if (nb > 1) to_block(ud + b0 * C * N, nb, C, N, in.data());
       s.forward(nb > 1 ? in.data() : ud + b0 * C * N, wk, bk, wv, bv, wq, bq, p);
       mix(wy, by, s.e.data(), C, C, s.M, nb > 1 ? out.data() : rd + b0 * C * N);
@@ -124,16 +124,16 @@ void rgu_backward_impl(const at::Tensor& gr, const at::Tensor& u, const std::vec
                             4 * CC + 4 * C + N};
   const int64_t slot = offs[9];
   const Chunks ch = sample_chunks(B);
-  const int64_t per = block_samples(N);
   std::vector<T> slots(ch.count * slot, T(0));
   for_each_chunk(ch, B, [&](int64_t c, int64_t c0, int64_t c1) {
+    const int64_t per = equal_block_samples(c1 - c0, N);
     for (int64_t b0 = c0; b0 < c1; b0 += per) {
       const int64_t nb = std::min(c1, b0 + per) - b0;
       RguBlock<T> s(C, N, nb);
       const int64_t M = s.M;
       // One sample's planes are used where they are; several are copied side by side.
-      std::vector<T> ubv(nb > 1 ? C * M : 0), grv(nb > 1 ? C * M : 0), gubv(nb > 1 ? C * M : 0);
-      std::vector<T> ge(C * M), gq(C * M), gv(C * M), ga(C * M);
+      Scratch<T> ubv(nb > 1 ? C * M : 0), grv(nb > 1 ? C * M : 0), gubv(nb > 1 ? C * M : 0);
+      Scratch<T> ge(C * M), gq(C * M), gv(C * M), ga(C * M);
       T* acc = slots.data() + c * slot;
       const T* ub = nb > 1 ? ubv.data() : ud + b0 * C * N;
       const T* grb = nb > 1 ? grv.data() : gd + b0 * C * N;
