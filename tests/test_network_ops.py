@@ -136,13 +136,14 @@ def test_standardize_matches_its_composition(dtype, kind, training, spatial):
 
 @requires_compiled
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("spatial", [(9,), (6, 7)])
-def test_rgu_matches_its_composition(dtype, spatial):
+@pytest.mark.parametrize("batch,spatial", [(3, (9,)), (3, (6, 7)), (40, (9,)), (100, (13,))])
+def test_rgu_matches_its_composition(dtype, batch, spatial):
+    """Batches above 16 put several short planes side by side in the backward's blocks."""
     torch.manual_seed(0)
     rgu = RGU(len(spatial), 5, spatial).double()
     with torch.no_grad():
         rgu.bias_map.normal_()
-    u = _randn(3, 5, *spatial).requires_grad_()
+    u = _randn(batch, 5, *spatial).requires_grad_()
     params = list(rgu.weights())
     _compare(lambda u, *w: ops.rgu(u, ops.RguWeights(*w)), [u, *params], dtype)
 
