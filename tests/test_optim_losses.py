@@ -212,3 +212,13 @@ def test_terminator_loss_parts():
     assert torch.allclose(parts.total, parts.cross_entropy + parts.slow + parts.l2)
     assert torch.allclose(parts.slow, slow_neural_loss(model.global_kernels()))
     assert parts.slow > 0 and parts.l2 > 0
+
+
+@pytest.mark.skipif(ops.backend().name == "reference", reason="compiled backend not active")
+def test_one_call_step_passes_opcheck():
+    """Its schema's mutation annotations, fake kernel and torch.compile tracing."""
+    params = [torch.randn(3, 4), torch.randn(5)]
+    grads = [torch.randn_like(p) for p in params]
+    means = [torch.randn_like(p) for _ in range(2) for p in params]
+    steps = [torch.zeros(()) for _ in params]
+    torch.library.opcheck(torch.ops.terminator.kar_step_.default, (params, grads, means, steps, 0.01, [0.5, 0.95]))
