@@ -36,7 +36,9 @@ def _fused_step_serves(params) -> bool:
     else the foreach ops do (other devices, torch.compile, ``TERMINATOR_BACKEND=reference``)."""
     from . import ops
 
-    return "cpu" in ops.backend().devices and params[0].device.type == "cpu" and not torch.compiler.is_compiling()
+    if "cpu" not in ops.backend().devices or torch.compiler.is_compiling():
+        return False
+    return all(p.device.type == "cpu" for p in params)  # the op has no kernel for other devices
 
 
 class _Kar(Optimizer):
@@ -74,7 +76,8 @@ class _Kar(Optimizer):
             means = [[st[f"exp_avg_{n + 1}"] for st in states] for n in range(len(betas))]
             steps = [st["step"] for st in states]
             if _fused_step_serves(params):
-                torch.ops.terminator.kar_step_(params, grads, [m for ms in means for m in ms], steps, lr, list(betas))
+                flat_means = [m for ms in means for m in ms]
+                torch.ops.terminator.kar_step_(params, grads, flat_means, steps, float(lr), list(betas))
                 continue
             # One multi-tensor kernel per operation instead of one kernel per parameter.
             direction = torch._foreach_sign(grads)
