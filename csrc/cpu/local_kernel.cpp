@@ -52,67 +52,56 @@ inline T bin_sum(const T* p, int64_t n) {
   return s;
 }
 
-// pooled (C, Nk) of one sample's planes u (C, N): in 2D the rows of a bin summed first
-// (vectorized over the row), then the columns of each bin; in 1D each bin straight from u.
+// pooled (C, Nk) of one sample's planes u (C, N): the rows of a bin summed first (vectorized
+// over the row; a bin of one row, as every bin in 1D, is read where it is), then the columns
+// of each bin.
 template <typename T>
 void pool(const Geometry& g, const T* u, T* pooled) {
   const int64_t Sh = g.d == 2 ? g.S[0] : 1, Sw = g.S.back();
   const int64_t Kh = g.d == 2 ? g.K[0] : 1, Kw = g.K.back();
   const Bins rows_of(Sh, Kh), cols_of(Sw, Kw);
-  if (g.d == 1) {
-    for (int64_t c = 0; c < g.C; ++c) {
-      const T* uc = u + c * g.N;
-      for (int64_t j = 0; j < Kw; ++j) {
-        const T s = bin_sum(uc + cols_of.start[j], cols_of.size(j));
-        pooled[c * g.Nk + j] = s / T(cols_of.size(j));
-      }
-    }
-    return;
-  }
   std::vector<T> rows(Sw);
   for (int64_t c = 0; c < g.C; ++c) {
     const T* uc = u + c * g.N;
     for (int64_t i = 0; i < Kh; ++i) {
-      std::fill(rows.begin(), rows.end(), T(0));
-      for (int64_t r = rows_of.start[i]; r < rows_of.end[i]; ++r) {
-        const T* ur = uc + r * Sw;
+      const T* row = uc + rows_of.start[i] * Sw;
+      if (rows_of.size(i) > 1) {
+        std::fill(rows.begin(), rows.end(), T(0));
+        for (int64_t r = rows_of.start[i]; r < rows_of.end[i]; ++r) {
+          const T* ur = uc + r * Sw;
 #pragma omp simd
-        for (int64_t q = 0; q < Sw; ++q) rows[q] += ur[q];
+          for (int64_t q = 0; q < Sw; ++q) rows[q] += ur[q];
+        }
+        row = rows.data();
       }
       for (int64_t j = 0; j < Kw; ++j) {
-        const T s = bin_sum(rows.data() + cols_of.start[j], cols_of.size(j));
+        const T s = bin_sum(row + cols_of.start[j], cols_of.size(j));
         pooled[c * g.Nk + i * Kw + j] = s / T(rows_of.size(i) * cols_of.size(j));
       }
     }
   }
 }
 
-// gu (C, N) = the pool's gradient for g_pooled (C, Nk), scaled (bins may overlap).
+// gu (C, N) = the pool's gradient for g_pooled (C, Nk), scaled (bins may overlap). A bin of
+// one row adds into it directly; taller bins add a row of column sums to each of their rows.
 template <typename T>
 void pool_backward(const Geometry& g, const T* g_pooled, T scale, T* gu) {
   const int64_t Sh = g.d == 2 ? g.S[0] : 1, Sw = g.S.back();
   const int64_t Kh = g.d == 2 ? g.K[0] : 1, Kw = g.K.back();
   const Bins rows_of(Sh, Kh), cols_of(Sw, Kw);
   std::fill(gu, gu + g.C * g.N, T(0));
-  if (g.d == 1) {
-    for (int64_t c = 0; c < g.C; ++c) {
-      T* gc = gu + c * g.N;
-      for (int64_t j = 0; j < Kw; ++j) {
-        const T v = g_pooled[c * g.Nk + j] * scale / T(cols_of.size(j));
-        for (int64_t q = cols_of.start[j]; q < cols_of.end[j]; ++q) gc[q] += v;
-      }
-    }
-    return;
-  }
   std::vector<T> cols(Sw);
   for (int64_t c = 0; c < g.C; ++c) {
     T* gc = gu + c * g.N;
     for (int64_t i = 0; i < Kh; ++i) {
-      std::fill(cols.begin(), cols.end(), T(0));
+      const bool one_row = rows_of.size(i) == 1;
+      T* target = one_row ? gc + rows_of.start[i] * Sw : cols.data();
+      if (!one_row) std::fill(cols.begin(), cols.end(), T(0));
       for (int64_t j = 0; j < Kw; ++j) {
         const T v = g_pooled[c * g.Nk + i * Kw + j] * scale / T(rows_of.size(i) * cols_of.size(j));
-        for (int64_t q = cols_of.start[j]; q < cols_of.end[j]; ++q) cols[q] += v;
+        for (int64_t q = cols_of.start[j]; q < cols_of.end[j]; ++q) target[q] += v;
       }
+      if (one_row) continue;
       for (int64_t r = rows_of.start[i]; r < rows_of.end[i]; ++r) {
         T* gr = gc + r * Sw;
 #pragma omp simd

@@ -23,7 +23,7 @@ inline T lerp_to(T m, T g, T coeff, bool small) {
   return std::fma(coeff, g - m, small ? m : g);
 }
 
-// K running means (K = 0 reads the count from means.size()).
+// K running means, fixed at compile time (K = 0: the k given).
 template <typename T, int K>
 void kar_step_impl(T* __restrict__ p, const T* __restrict__ g, T* const* means, const double* betas,
                    int k, T alpha, int64_t n) {
