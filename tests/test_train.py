@@ -169,6 +169,21 @@ def test_fashion_idx_variants(tmp_path):
     assert torch.equal(p1.train_x.sort(-1).values, seq.train_x.sort(-1).values)
 
 
+@pytest.mark.parametrize("dataset", ["fashion-mnist", "fashion-mnist-seq"])
+def test_baseline_cnn_trains_and_writes_its_curve(tmp_path, dataset):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 64), ("t10k", 32)):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+    script = ROOT / "tools" / "experiments" / "baseline_cnn.py"
+    out = tmp_path / "run"
+    args = ["--dataset", dataset, "--data-dir", str(tmp_path), "--epochs", "2", "--threads", "1", "--out", str(out)]
+    subprocess.run([sys.executable, str(script), *args], check=True, capture_output=True, cwd=ROOT)
+    result = json.loads((out / "results.json").read_text())
+    assert result["dataset"] == dataset and 0 <= result["test_acc"] <= 1 and result["epochs"] == 2
+    assert (out / "metrics.csv").read_text().splitlines()[0] == "epoch,train_seconds,test_acc"
+
+
 def test_killed_mid_epoch_then_resumed(tmp_path):
     run = tmp_path / "run"
     args = ["train", "--dataset", "digits", "--epochs", "6", "--out", str(run), *TINY_TRAIN_ARGS]
@@ -268,6 +283,13 @@ def test_plots_write_pngs(tmp_path, shape):
     )
     for name in ("curves.png", "kernels.png", "scores.png", "tta.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_minutes_to_accuracy_reads_the_first_epoch_at_each_level(tmp_path):
+    from terminator.train.plots import minutes_to_accuracy
+
+    (tmp_path / "m.csv").write_text("epoch,train_seconds,test_acc\n1,60,0.80\n2,120,nan\n3,180,0.91\n4,240,0.90\n")
+    assert minutes_to_accuracy(tmp_path / "m.csv", (0.8, 0.9, 0.91, 0.95)) == [1.0, 3.0, 3.0, None]
 
 
 def test_main_job_config_parses():

@@ -148,6 +148,16 @@ def read_metrics(path: str | Path) -> list[dict]:
         return [{k: float(v) if _finite(v) else float("nan") for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+def minutes_to_accuracy(csv_path: str | Path, levels: tuple[float, ...]) -> list[float | None]:
+    """Training minutes until the logged test accuracy first reached each level (None: never)."""
+    pts = [
+        (r["train_seconds"] / 60, r["test_acc"])
+        for r in read_metrics(csv_path)
+        if _finite(r.get("train_seconds")) and _finite(r.get("test_acc"))
+    ]
+    return [next((minutes for minutes, acc in pts if acc >= level), None) for level in levels]
+
+
 def plot_time_to_accuracy(
     runs: dict[str, str | Path], path: Path, targets: tuple[float, ...] = (), y_min: float | None = None
 ) -> None:

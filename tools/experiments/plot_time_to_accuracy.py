@@ -3,18 +3,37 @@
 
     python tools/experiments/plot_time_to_accuracy.py --out docs/fmnist_time_to_accuracy.png \\
         --run "Terminator fmnist=runs/fmnist/metrics.csv" \\
-        --run "baseline CNN=runs/baseline_cnn/metrics.csv" --target 0.935 --target 0.949
+        --run "baseline CNN=runs/baseline_cnn/metrics.csv" --target 0.935 --target 0.949 \\
+        --levels 0.88 0.90 0.92 0.93 0.935
 
-Each metrics.csv needs ``train_seconds`` and ``test_acc`` columns (``terminator train``
-with ``track_test: true``, or tools/experiments/baseline_cnn.py).
+``--levels`` also prints a Markdown table: minutes of training until each run's test
+accuracy first reached each level, and its final accuracy. Each metrics.csv needs
+``train_seconds`` and ``test_acc`` columns (``terminator train`` with ``track_test: true``,
+or tools/experiments/baseline_cnn.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
-from terminator.train.plots import plot_time_to_accuracy
+from terminator.train.plots import minutes_to_accuracy, plot_time_to_accuracy, read_metrics
+
+
+def markdown_table(runs: dict[str, str], levels: tuple[float, ...]) -> str:
+    """Rows: runs; columns: minutes until each level was first reached, then the final accuracy."""
+    lines = [
+        "| test accuracy | " + " | ".join(f"{level:.1%}" for level in levels) + " | final |",
+        "|---" * (len(levels) + 2) + "|",
+    ]
+    for label, path in runs.items():
+        minutes = minutes_to_accuracy(path, levels)
+        last = [r for r in read_metrics(path) if math.isfinite(r.get("test_acc", math.nan))][-1]
+        cells = ["—" if m is None else f"{m:.1f}" for m in minutes]
+        final = f"**{last['test_acc']:.2%}** at {last['train_seconds'] / 60:.1f} min"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {final} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", action="append", type=float, default=[])
     p.add_argument("--y-min", type=float, default=None)
     p.add_argument("--out", required=True)
+    p.add_argument("--levels", type=float, nargs="*", default=[], help="accuracies for the minutes-to-accuracy table")
     args = p.parse_args(argv)
     runs = {}
     for spec in args.run:
@@ -32,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         runs[label] = path
     plot_time_to_accuracy(runs, Path(args.out), tuple(args.target), args.y_min)
     print(f"wrote {args.out}")
+    if args.levels:
+        print(markdown_table(runs, tuple(args.levels)))
     return 0
 
 
