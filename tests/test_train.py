@@ -297,6 +297,13 @@ def test_main_job_config_parses():
     assert cfg.dataset == "mnist1d" and cfg.preset == "mnist1d" and cfg.out == "runs/mnist1d"
 
 
+def test_fashion_mnist_config_names_a_preset_and_trains_on_all_images():
+    from terminator.models import PRESETS
+
+    cfg = load_config(ROOT / "configs" / "fmnist.yaml")
+    assert cfg.dataset == "fashion-mnist" and cfg.preset in PRESETS and cfg.val_fraction == 0 and cfg.track_test
+
+
 def test_keep_freed_memory_sets_glibc_thresholds_unless_the_user_did(monkeypatch):
     from terminator.train.allocator import USER_SETTINGS, keep_freed_memory
 
