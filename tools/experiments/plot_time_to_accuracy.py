@@ -24,14 +24,14 @@ from terminator.train.plots import minutes_to_accuracy, plot_time_to_accuracy, r
 def markdown_table(runs: dict[str, str], levels: tuple[float, ...]) -> str:
     """Rows: runs; columns: minutes until each level was first reached, then the final accuracy."""
     lines = [
-        "| test accuracy | " + " | ".join(f"{level:.1%}" for level in levels) + " | final |",
+        "| test accuracy | " + " | ".join(f"{level * 100:g} %" for level in levels) + " | final |",
         "|---" * (len(levels) + 2) + "|",
     ]
     for label, path in runs.items():
         minutes = minutes_to_accuracy(path, levels)
         last = [r for r in read_metrics(path) if math.isfinite(r.get("test_acc", math.nan))][-1]
         cells = ["—" if m is None else f"{m:.1f}" for m in minutes]
-        final = f"**{last['test_acc']:.2%}** at {last['train_seconds'] / 60:.1f} min"
+        final = f"**{last['test_acc'] * 100:.2f} %** at {last['train_seconds'] / 60:.1f} min"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {final} |")
     return "\n".join(lines)
 
