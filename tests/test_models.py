@@ -15,7 +15,13 @@ from terminator.losses import TerminatorLoss
 from terminator.models import PRESETS, Terminator, TerminatorConfig, preset_parameter_counts
 from terminator.optim import Kar3
 
-PRESET_SHAPES = {"cifar10": (3, 32, 32), "fmnist": (1, 28, 28), "fmnist-wide": (1, 28, 28), "seq784": (1, 784), "mnist1d": (1, 40)}
+PRESET_SHAPES = {
+    "cifar10": (3, 32, 32),
+    "fmnist": (1, 28, 28),
+    "fmnist-wide": (1, 28, 28),
+    "seq784": (1, 784),
+    "mnist1d": (1, 40),
+}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
