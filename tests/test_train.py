@@ -151,11 +151,16 @@ def test_missing_dataset_message(tmp_path, capsys):
     assert "--data-dir" in err and "train-images-idx3-ubyte.gz" in err
 
 
-def test_fashion_idx_variants(tmp_path):
+def _write_fashion_idx(folder: Path, n_train: int, n_test: int) -> None:
+    """Random 28×28 images and labels as the four Fashion-MNIST idx .gz files."""
     rng = np.random.default_rng(0)
-    for prefix, n in (("train", 50), ("t10k", 20)):
-        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+
+
+def test_fashion_idx_variants(tmp_path):
+    _write_fashion_idx(tmp_path, n_train=50, n_test=20)
     cfg = TrainConfig(data_dir=str(tmp_path), val_fraction=0.2)
     img = load_dataset(cfg, "fashion-mnist")
     assert img.train_x.shape == (40, 1, 28, 28) and img.val_x.shape == (10, 1, 28, 28)
@@ -171,10 +176,7 @@ def test_fashion_idx_variants(tmp_path):
 
 @pytest.mark.parametrize("dataset", ["fashion-mnist", "fashion-mnist-seq"])
 def test_baseline_cnn_trains_and_writes_its_curve(tmp_path, dataset):
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 64), ("t10k", 32)):
-        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+    _write_fashion_idx(tmp_path, n_train=64, n_test=32)
     script = ROOT / "tools" / "experiments" / "baseline_cnn.py"
     out = tmp_path / "run"
     args = ["--dataset", dataset, "--data-dir", str(tmp_path), "--epochs", "2", "--threads", "1", "--out", str(out)]
@@ -286,10 +288,12 @@ def test_plots_write_pngs(tmp_path, shape):
 
 
 def test_minutes_to_accuracy_reads_the_first_epoch_at_each_level(tmp_path):
-    from terminator.train.plots import minutes_to_accuracy
+    from terminator.train.plots import accuracy_curve, minutes_to_accuracy
 
     (tmp_path / "m.csv").write_text("epoch,train_seconds,test_acc\n1,60,0.80\n2,120,nan\n3,180,0.91\n4,240,0.90\n")
-    assert minutes_to_accuracy(tmp_path / "m.csv", (0.8, 0.9, 0.91, 0.95)) == [1.0, 3.0, 3.0, None]
+    curve = accuracy_curve(tmp_path / "m.csv")
+    assert curve == [(1.0, 0.8), (3.0, 0.91), (4.0, 0.9)]
+    assert minutes_to_accuracy(curve, (0.8, 0.9, 0.91, 0.95)) == [1.0, 3.0, 3.0, None]
 
 
 def test_main_job_config_parses():

@@ -148,14 +148,18 @@ def read_metrics(path: str | Path) -> list[dict]:
         return [{k: float(v) if _finite(v) else float("nan") for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def minutes_to_accuracy(csv_path: str | Path, levels: tuple[float, ...]) -> list[float | None]:
-    """Training minutes until the logged test accuracy first reached each level (None: never)."""
-    pts = [
+def accuracy_curve(csv_path: str | Path) -> list[tuple[float, float]]:
+    """``(training minutes, test accuracy)`` of each epoch that logged both, in order."""
+    return [
         (r["train_seconds"] / 60, r["test_acc"])
         for r in read_metrics(csv_path)
         if _finite(r.get("train_seconds")) and _finite(r.get("test_acc"))
     ]
-    return [next((minutes for minutes, acc in pts if acc >= level), None) for level in levels]
+
+
+def minutes_to_accuracy(curve: list[tuple[float, float]], levels: tuple[float, ...]) -> list[float | None]:
+    """Minutes of an :func:`accuracy_curve` until the accuracy first reached each level (None: never)."""
+    return [next((minutes for minutes, acc in curve if acc >= level), None) for level in levels]
 
 
 def plot_time_to_accuracy(
@@ -168,11 +172,7 @@ def plot_time_to_accuracy(
     """
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for label, csv_path in runs.items():
-        pts = [
-            (r["train_seconds"] / 60, r["test_acc"])
-            for r in read_metrics(csv_path)
-            if _finite(r.get("train_seconds")) and _finite(r.get("test_acc"))
-        ]
+        pts = accuracy_curve(csv_path)
         if pts:
             ax.plot(*zip(*pts), marker="o", markersize=3, label=label)
     for t in targets:

@@ -15,10 +15,9 @@ or tools/experiments/baseline_cnn.py).
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
-from terminator.train.plots import minutes_to_accuracy, plot_time_to_accuracy, read_metrics
+from terminator.train.plots import accuracy_curve, minutes_to_accuracy, plot_time_to_accuracy
 
 
 def markdown_table(runs: dict[str, str], levels: tuple[float, ...]) -> str:
@@ -28,10 +27,10 @@ def markdown_table(runs: dict[str, str], levels: tuple[float, ...]) -> str:
         "|---" * (len(levels) + 2) + "|",
     ]
     for label, path in runs.items():
-        minutes = minutes_to_accuracy(path, levels)
-        last = [r for r in read_metrics(path) if math.isfinite(r.get("test_acc", math.nan))][-1]
-        cells = ["—" if m is None else f"{m:.1f}" for m in minutes]
-        final = f"**{last['test_acc'] * 100:.2f} %** at {last['train_seconds'] / 60:.1f} min"
+        curve = accuracy_curve(path)
+        cells = ["—" if m is None else f"{m:.1f}" for m in minutes_to_accuracy(curve, levels)]
+        last_minutes, last_acc = curve[-1]
+        final = f"**{last_acc * 100:.2f} %** at {last_minutes:.1f} min"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {final} |")
     return "\n".join(lines)
 
