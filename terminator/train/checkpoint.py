@@ -104,20 +104,21 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointRefused(f"cannot read checkpoint {path}: the file is empty")
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives; a cut one has lost its directory
+        raise CheckpointRefused(
+            f"cannot read checkpoint {path}: not a complete PyTorch checkpoint "
+            "(no zip archive as torch.save writes: truncated, damaged or another format)"
+        )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if not zipfile.is_zipfile(path):  # torch.save writes zip archives; this is none
-            raise CheckpointRefused(
-                f"cannot read checkpoint {path}: not a PyTorch checkpoint archive ({_first_line(exc)})"
-            ) from None
         raise CheckpointRefused(
             f"refusing to load {path}: it holds pickled objects other than tensors and plain data "
             f"(torch.load(weights_only=True) rejected it: {str(exc).splitlines()[0]})"
         ) from None
-    except Exception as exc:  # torch.load fails in many ways on a damaged file
+    except Exception as exc:  # torch.load fails in many ways on a damaged archive
         raise CheckpointRefused(
-            f"cannot read checkpoint {path}: truncated, damaged or not a PyTorch file ({_first_line(exc)})"
+            f"cannot read checkpoint {path}: damaged PyTorch archive ({_first_line(exc)})"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointRefused(f"refusing to load {path}: not a terminator training checkpoint")
