@@ -50,8 +50,7 @@ void forward_impl(const at::Tensor& y_, const at::Tensor& x_, const at::Tensor& 
         const T* xr = x + (b * C + c) * N;
         T* o = out + (b * C + c) * N;
         const T s = sc[c];
-#pragma omp simd
-        for (int64_t n = 0; n < N; ++n) o[n] = xr[n] * sigmoid(s * ss[n]);
+        map_row(N, o, xr, ss.data(), [s](auto xv, auto sv) { return xv * sigmoid(s * sv); });
       }
     }
   });
@@ -82,9 +81,10 @@ void backward_impl(const at::Tensor& g_, const at::Tensor& y_, const at::Tensor&
         const T s = sc[c];
         T* gxr = x_is_y ? gyb + c * N : gx + r;  // x is y: its direct gradient starts y's
         T gs = 0;
+        map_row(N, gt.data(), ss.data(), [s](auto sv) { return sigmoid(s * sv); });
 #pragma omp simd reduction(+ : gs)
         for (int64_t n = 0; n < N; ++n) {
-          const T sg = sigmoid(s * ss[n]);
+          const T sg = gt[n];
           gxr[n] = g[r + n] * sg;
           gt[n] = g[r + n] * x[r + n] * sg * (T(1) - sg);
           gs += gt[n] * ss[n];

@@ -53,58 +53,103 @@ inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& 
 
 // ---- elementwise math -----------------------------------------------------------
 // float: branch-free approximations (a few ulp; erf as ATen's vectorized CPU erf, within
-// 1.5e-7) so that loops over them vectorize; double: the C library.
+// 1.5e-7), written once for a float and for a vector register of floats (Vec<float>) so that
+// the rows run them a register at a time (map_row): GCC does not reliably vectorize them
+// from scalar loops (on some targets its PRE turns the clamps into branches). double: the C
+// library.
 
-inline float bits_to_float(int32_t i) { return __builtin_bit_cast(float, i); }
-inline int32_t float_to_bits(float f) { return __builtin_bit_cast(int32_t, f); }
+// Vec's types without their alignment attribute, which template arguments drop.
+typedef float FloatVec __attribute__((vector_size(kVectorBytes)));
+typedef double DoubleVec __attribute__((vector_size(kVectorBytes)));
 
-inline float exp_(float x) {
-  x = std::min(std::max(x, -87.33654f), 88.72284f);
+// The integer of a float's size, or the vector of them of a float vector's size.
+template <typename V>
+struct FloatBits {
+  using type = int32_t;
+};
+template <>
+struct FloatBits<FloatVec> {
+  typedef int32_t type __attribute__((vector_size(kVectorBytes)));
+};
+template <typename V>
+using float_bits_t = typename FloatBits<V>::type;
+
+template <typename V>
+inline constexpr bool kFloatLike = std::is_same_v<V, float> || std::is_same_v<V, FloatVec>;
+
+template <typename V>
+inline float_bits_t<V> as_bits(V x) {
+  return __builtin_bit_cast(float_bits_t<V>, x);
+}
+template <typename V>
+inline V from_bits(float_bits_t<V> i) {
+  return __builtin_bit_cast(V, i);
+}
+// c ? a : b per lane (a scalar c for float); no branch for vectors.
+template <typename V>
+inline V pick(decltype(V{} < V{}) c, V a, V b) {
+  return c ? a : b;
+}
+
+template <typename V, std::enable_if_t<kFloatLike<V>, int> = 0>
+inline V exp_(V x) {
+  const V zero{};
+  x = pick<V>(x < zero - 87.33654f, zero - 87.33654f, x);  // std::max, NaN kept
+  x = pick<V>(zero + 88.72284f < x, zero + 88.72284f, x);  // std::min
   // x = n·ln2 + r with n an integer: adding 1.5·2^23 rounds to one (no floor, which
   // GCC does not vectorize without -fno-trapping-math), and its low bits are n.
   constexpr float kShift = 12582912.0f;
-  const float shifted = x * 1.44269504088896341f + kShift;
-  const float n = shifted - kShift;
-  const int32_t n_bits = float_to_bits(shifted) - float_to_bits(kShift);
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 split in two parts
-  float p = 1.9875691500e-4f;
+  const V shifted = x * 1.44269504088896341f + kShift;
+  const V n = shifted - kShift;
+  const float_bits_t<V> n_bits = as_bits(shifted) - __builtin_bit_cast(int32_t, kShift);
+  const V r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 split in two parts
+  V p = zero + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  return p * bits_to_float((n_bits + 127) << 23);
+  return p * from_bits<V>((n_bits + 127) << 23);
 }
 inline double exp_(double x) { return std::exp(x); }
 
-inline float erf_(float x) {
-  const float a = std::fabs(x);
-  const float t = 1.0f / (1.0f + 0.3275911f * a);
-  float p = 1.061405429f;
+template <typename V, std::enable_if_t<kFloatLike<V>, int> = 0>
+inline V erf_(V x) {
+  const V a = from_bits<V>(as_bits(x) & 0x7fffffff);  // |x|
+  const V t = 1.0f / (1.0f + 0.3275911f * a);
+  V p = V{} + 1.061405429f;
   p = p * t - 1.453152027f;
   p = p * t + 1.421413741f;
   p = p * t - 0.284496736f;
   p = p * t + 0.254829592f;
-  const float y = 1.0f - p * t * exp_(-a * a);
-  return std::copysign(y, x);
+  const V y = 1.0f - p * t * exp_(-a * a);
+  return from_bits<V>(as_bits(y) | (as_bits(x) & int32_t(0x80000000)));  // copysign(y, x)
 }
 inline double erf_(double x) { return std::erf(x); }
 
+// The scalar type of V: T itself, or a vector's element.
+template <typename V>
+using scalar_of_t = std::conditional_t<std::is_same_v<V, FloatVec>, float,
+                                       std::conditional_t<std::is_same_v<V, DoubleVec>, double, V>>;
+
 // GELU (exact, with erf) and its derivative, as torch.nn.functional.gelu.
-template <typename T>
-inline T gelu(T x) {
+template <typename V>
+inline V gelu(V x) {
+  using T = scalar_of_t<V>;
   return T(0.5) * x * (T(1) + erf_(x * T(M_SQRT1_2)));
 }
-template <typename T>
-inline T gelu_grad(T x) {
-  const T cdf = T(0.5) * (T(1) + erf_(x * T(M_SQRT1_2)));
-  const T pdf = exp_(T(-0.5) * x * x) * T(0.5 * M_2_SQRTPI * M_SQRT1_2);
+template <typename V>
+inline V gelu_grad(V x) {
+  using T = scalar_of_t<V>;
+  const V cdf = T(0.5) * (T(1) + erf_(x * T(M_SQRT1_2)));
+  const V pdf = exp_(T(-0.5) * x * x) * T(0.5 * M_2_SQRTPI * M_SQRT1_2);
   return cdf + x * pdf;
 }
 
-template <typename T>
-inline T sigmoid(T x) {
+template <typename V>
+inline V sigmoid(V x) {
+  using T = scalar_of_t<V>;
   return T(1) / (T(1) + exp_(-x));
 }
 
@@ -119,6 +164,28 @@ struct Simd {
   static void store(T* p, type v) { *reinterpret_cast<type*>(p) = v; }
   static type splat(T v) { return v - type{}; }  // v − 0 is v exactly, so this is a broadcast
 };
+
+// y[j] = f(a[j]) or f(a[j], b[j]) for j in [0, n), with f generic over a value and a vector
+// register: float rows a register at a time, then the tail (and double rows) value by value.
+// y may be a or b.
+template <typename T, typename F>
+inline void map_row(int64_t n, T* y, const T* a, F f) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; j + Simd<T>::kLanes <= n; j += Simd<T>::kLanes)
+      Simd<T>::store(y + j, f(Simd<T>::load(a + j)));
+  }
+  for (; j < n; ++j) y[j] = f(a[j]);
+}
+template <typename T, typename F>
+inline void map_row(int64_t n, T* y, const T* a, const T* b, F f) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; j + Simd<T>::kLanes <= n; j += Simd<T>::kLanes)
+      Simd<T>::store(y + j, f(Simd<T>::load(a + j), Simd<T>::load(b + j)));
+  }
+  for (; j < n; ++j) y[j] = f(a[j], b[j]);
+}
 
 // Columns [n, n + V·lanes) of y rows [o, o + R) from x with row stride ldx (R ≤ 4, V ≤ 2):
 // the register tile of mix.

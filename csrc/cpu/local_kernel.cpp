@@ -197,7 +197,7 @@ void block_forward(const Geometry& g, const Params<T>& P, const Shared<T>& sh, i
   const int64_t H = g.H, Nk = g.Nk, M = nb * Nk, ld = sh.p.size();
   mix(P.rw, P.rb, pooled, g.C, H, M, t.c1.data());
   mix(P.cw, P.cb, t.c1.data(), H, H, M, t.c2.data());
-  for (int64_t j = 0; j < H * M; ++j) t.ctx[j] = gelu(t.c2[j]);
+  map_row(H * M, t.ctx.data(), t.c2.data(), [](auto v) { return gelu(v); });
   for (int64_t i = 1; i <= g.L; ++i) {
     // h_0 is shared, so is its first linear: layer 1 reads it from sh (row stride ld).
     if (i > 1) mix(P.lw[i - 1], P.lb[i - 1], t.h[i - 1].data(), H, H, M, t.lin[i - 1].data());
@@ -385,7 +385,8 @@ void block_backward(const Geometry& g, const Params<T>& P, const Shared<T>& sh,
   }
   // ctx = GELU(c2), c2 = W_f c1 + b_f, c1 = W_r pooled + b_r
   Scratch<T> g_c2(H * M), g_c1(H * M);
-  for (int64_t j = 0; j < H * M; ++j) g_c2[j] = g_ctx[j] * gelu_grad(t.c2[j]);
+  map_row(H * M, g_c2.data(), g_ctx.data(), t.c2.data(),
+          [](auto gv, auto cv) { return gv * gelu_grad(cv); });
   accumulate_weight_grad(g_c2.data(), t.c1.data(), H, H, M, G.cw.data(), G.cb.data());
   mix(wt[2 * L + 1].data(), static_cast<const T*>(nullptr), g_c2.data(), H, H, M, g_c1.data());
   accumulate_weight_grad(g_c1.data(), pooled, g.C, H, M, G.rw.data(), G.rb.data());

@@ -45,8 +45,7 @@ struct RguBlock {
         T* seg = nc + s * N;
         rstd[c * nb + s] = standardize_row(seg, N, T(kInstanceEps), seg);
         T* ec = e.data() + c * M + s * N;
-#pragma omp simd
-        for (int64_t j = 0; j < N; ++j) ec[j] = gelu(seg[j]) + p[j];
+        map_row(N, ec, seg, p, [](auto sv, auto pv) { return gelu(sv) + pv; });
       }
     }
   }
@@ -155,8 +154,7 @@ void rgu_backward_impl(const at::Tensor& gr, const at::Tensor& u, const std::vec
       for (int64_t cc = 0; cc < C; ++cc) {
         T* gec = ge.data() + cc * M;  // becomes the gradient of n, then of g
         const T* nc = s.n.data() + cc * M;
-#pragma omp simd
-        for (int64_t j = 0; j < M; ++j) gec[j] *= gelu_grad(nc[j]);
+        map_row(M, gec, gec, nc, [](auto gv, auto nv) { return gv * gelu_grad(nv); });
         for (int64_t sm = 0; sm < nb; ++sm)
           standardize_row_backward(gec + sm * N, nc + sm * N, s.rstd[cc * nb + sm], N,
                                    gec + sm * N);

@@ -107,8 +107,7 @@ void standardize_impl(const at::Tensor& x_, const std::vector<int64_t>& slot,
                          for (int64_t n = 0; n < N; ++n) yr[n] = (xr[n] - m) * rstd;
                        }
                        if (gelu_act) {
-#pragma omp simd
-                         for (int64_t n = 0; n < N; ++n) yr[n] = gelu(yr[n]) + b_add;
+                         map_row(N, yr, yr, [b_add](auto v) { return gelu(v) + b_add; });
                        } else if (b_add != T(0)) {
 #pragma omp simd
                          for (int64_t n = 0; n < N; ++n) yr[n] += b_add;
@@ -151,8 +150,7 @@ void standardize_backward_impl(const at::Tensor& gy_, const at::Tensor& x_,
         }
         acc[2 * C] += double(sg);
         if (gelu_act) {
-#pragma omp simd
-          for (int64_t n = 0; n < N; ++n) g[n] = gr[n] * gelu_grad(xhat[n]);
+          map_row(N, g, gr, xhat.data(), [](auto gv, auto xv) { return gv * gelu_grad(xv); });
         } else {
 #pragma omp simd
           for (int64_t n = 0; n < N; ++n) g[n] = gr[n];
