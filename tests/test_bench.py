@@ -87,6 +87,7 @@ def test_train_speed_tiny(tmp_path):
     assert set(data["times"]["fmnist"]) == {"ours", "reference", "cnn"}
     assert set(data["times"]["mnist1d"]) == {"ours", "reference"}
     assert data["profile"]["total_ms"] > 0
+    assert data["cpu"]  # the tables say which CPU the kernels were built for and timed on
     again = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "bench" / "train_speed.py"), "--report", str(out_json)],
         capture_output=True,

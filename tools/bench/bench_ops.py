@@ -792,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             r["peak_mb"] = peaks[r["name"]]
     targets = print_run(results, bandwidth, allocator)
-    from train_speed import git_commit  # this script's folder is on sys.path
+    from train_speed import cpu_summary, git_commit  # this script's folder is on sys.path
 
     meta = {
         "machine": platform.processor() or platform.machine(),
@@ -805,6 +805,7 @@ def main(argv: list[str] | None = None) -> int:
         "allocator": allocator,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "commit": git_commit(),
+        "cpu": cpu_summary(),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "results": results, "targets": targets}, indent=1))

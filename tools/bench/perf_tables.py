@@ -34,11 +34,16 @@ def _bench_ops():
     return module
 
 
+def _cpu(meta: dict) -> str:
+    """The run's CPU for a table's header; nothing for a run that did not record it."""
+    return f" {meta['cpu']}," if meta.get("cpu") else ""
+
+
 def ops_table(data: dict) -> list[str]:
     comparators = ["eager", "compiled", "eager FFT", "compiled FFT", "F.conv groups=C"]
     lines = [
         f"{data['meta'].get('date', '?')}, commit {data['meta'].get('commit', '?')}, "
-        f"torch {data['meta'].get('torch', '?')}, {data['meta'].get('threads')} "
+        f"torch {data['meta'].get('torch', '?')},{_cpu(data['meta'])} {data['meta'].get('threads')} "
         f"threads, medians of {data['meta'].get('repeats')} interleaved rounds; forward+backward, ms (ratio = "
         f"that time / ours); %copy: a same-size copy's time as a share of ours.",
         "",
@@ -72,7 +77,7 @@ def goals_table(data: dict) -> list[str]:
 
 def train_table(data: dict) -> list[str]:
     lines = [
-        f"{data.get('date', '?')}, commit {data.get('commit', '?')}, torch {data.get('torch', '?')}, "
+        f"{data.get('date', '?')}, commit {data.get('commit', '?')}, torch {data.get('torch', '?')},{_cpu(data)} "
         f"{data['threads']} threads, {data['rounds']} rounds × {data['steps']} steps per path (medians; the "
         f"first step, torch.compile's compilation included, apart).",
         "",

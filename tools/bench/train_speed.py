@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -326,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         "batches": {preset: _batch(args, preset) for preset in presets},
         "date": time.strftime("%Y-%m-%d"),
         "commit": git_commit(),
+        "cpu": cpu_summary(),
         "times": times,
     }
     print("\n".join(report(result)))
@@ -349,6 +351,24 @@ def git_commit() -> str:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def cpu_summary() -> str:
+    """The CPU's model and its widest vector instructions, e.g. "AMD EPYC (family 25, model 1),
+    AVX2": the compiled kernels are built for this machine's, and their speed follows them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            first = f.read().split("\n\n")[0]
+    except OSError:
+        return platform.machine()
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first.splitlines())}
+    flags = set(fields.get("flags", "").split())
+    model = fields.get("model name", platform.machine())
+    if "cpu family" in fields and "model" in fields:
+        model += f" (family {fields['cpu family']}, model {fields['model']})"
+    widest = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("sse2", "SSE2"), ("asimd", "NEON"))
+    isa = next((name for flag, name in widest if flag in flags), "")
+    return f"{model}, {isa}" if isa else model
 
 
 if __name__ == "__main__":
