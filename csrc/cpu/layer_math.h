@@ -187,7 +187,7 @@ inline void map_row(int64_t n, T* y, const T* a, const T* b, F f) {
   for (; j < n; ++j) y[j] = f(a[j], b[j]);
 }
 
-// Columns [n, n + V·lanes) of y rows [o, o + R) from x with row stride ldx (R ≤ 4, V ≤ 2):
+// Columns [n, n + V·lanes) of y rows [o, o + R) from x with row stride ldx (R ≤ 6, V ≤ 2):
 // the register tile of mix.
 template <typename T, int R, int V>
 __attribute__((always_inline)) inline void mix_tile(const T* __restrict__ w, int64_t ldw,
@@ -204,7 +204,7 @@ __attribute__((always_inline)) inline void mix_tile(const T* __restrict__ w, int
   for (int64_t i = 0; i < cin; ++i) {
     Vt xv[V];
     for (int v = 0; v < V; ++v) xv[v] = S::load(x + i * ldx + v * L);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const Vt wv = S::splat(w[r * ldw + i]);
       for (int v = 0; v < V; ++v) acc[r][v] += wv * xv[v];
@@ -217,13 +217,22 @@ __attribute__((always_inline)) inline void mix_tile(const T* __restrict__ w, int
     }
 }
 
-// Rows [o, cout) of a column block, in tiles of 4 rows, then the leftover rows one by one.
+// Rows [o, cout) of a column block, in tiles of 6 or 4 rows, then the leftover rows one by one.
 template <typename T, int V>
 __attribute__((always_inline)) inline void mix_columns(const T* w, int64_t ldw, const T* b,
                                                        const T* x, int64_t ldx, int64_t cin,
                                                        int64_t cout, T* y, int64_t ldy,
                                                        bool accumulate) {
   int64_t o = 0;
+  // With 16 vector registers (AVX2) a 6×2 tile keeps 12 sums in flight, enough to cover the
+  // multiply-adds' latency; used where the rows split evenly into it (docs/PERFORMANCE.md).
+  if constexpr (kVectorRegisters < 32 && V == 2) {
+    if (cout % 6 == 0) {
+      for (; o + 6 <= cout; o += 6)
+        mix_tile<T, 6, V>(w + o * ldw, ldw, b ? b + o : nullptr, x, ldx, cin, y + o * ldy, ldy,
+                          accumulate);
+    }
+  }
   for (; o + 4 <= cout; o += 4)
     mix_tile<T, 4, V>(w + o * ldw, ldw, b ? b + o : nullptr, x, ldx, cin, y + o * ldy, ldy,
                       accumulate);
