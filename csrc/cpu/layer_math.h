@@ -217,7 +217,7 @@ __attribute__((always_inline)) inline void mix_tile(const T* __restrict__ w, int
     }
 }
 
-// Rows [o, cout) of a column block, in tiles of 6 or 4 rows, then the leftover rows one by one.
+// Rows [o, cout) of a column block, in tiles of 6, 4 and 2 rows, then a last row alone.
 template <typename T, int V>
 __attribute__((always_inline)) inline void mix_columns(const T* w, int64_t ldw, const T* b,
                                                        const T* x, int64_t ldx, int64_t cin,
@@ -225,16 +225,17 @@ __attribute__((always_inline)) inline void mix_columns(const T* w, int64_t ldw, 
                                                        bool accumulate) {
   int64_t o = 0;
   // With 16 vector registers (AVX2) a 6×2 tile keeps 12 sums in flight, enough to cover the
-  // multiply-adds' latency; used where the rows split evenly into it (docs/PERFORMANCE.md).
+  // multiply-adds' latency (docs/PERFORMANCE.md).
   if constexpr (kVectorRegisters < 32 && V == 2) {
-    if (cout % 6 == 0) {
-      for (; o + 6 <= cout; o += 6)
-        mix_tile<T, 6, V>(w + o * ldw, ldw, b ? b + o : nullptr, x, ldx, cin, y + o * ldy, ldy,
-                          accumulate);
-    }
+    for (; o + 6 <= cout; o += 6)
+      mix_tile<T, 6, V>(w + o * ldw, ldw, b ? b + o : nullptr, x, ldx, cin, y + o * ldy, ldy,
+                        accumulate);
   }
   for (; o + 4 <= cout; o += 4)
     mix_tile<T, 4, V>(w + o * ldw, ldw, b ? b + o : nullptr, x, ldx, cin, y + o * ldy, ldy,
+                      accumulate);
+  for (; o + 2 <= cout; o += 2)
+    mix_tile<T, 2, V>(w + o * ldw, ldw, b ? b + o : nullptr, x, ldx, cin, y + o * ldy, ldy,
                       accumulate);
   for (; o < cout; ++o)
     mix_tile<T, 1, V>(w + o * ldw, ldw, b ? b + o : nullptr, x, ldx, cin, y + o * ldy, ldy,
