@@ -428,6 +428,15 @@ inline Chunks block_chunks(int64_t B, int64_t N, int64_t min_columns = 256,
   return {(B + size - 1) / size, size};
 }
 
+// Chunks as block_chunks, but equal in size and, where the batch allows, a multiple of 4 in
+// number, so that 1, 2 or 4 threads get the same work.
+inline Chunks balanced_block_chunks(int64_t B, int64_t N, int64_t min_columns = 256) {
+  int64_t count = std::max<int64_t>(1, B * N / std::max<int64_t>(1, min_columns));
+  count = std::min<int64_t>((count + 3) / 4 * 4, std::max<int64_t>(1, B));
+  const int64_t size = (B + count - 1) / count;
+  return {(B + size - 1) / size, size};
+}
+
 // planes (nb, C, N) ↔ a block plane (C, nb·N).
 template <typename T>
 void to_block(const T* planes, int64_t nb, int64_t C, int64_t N, T* block) {
