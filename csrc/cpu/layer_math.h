@@ -58,9 +58,8 @@ inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& 
 // from scalar loops (on some targets its PRE turns the clamps into branches). double: the C
 // library.
 
-// Vec's types without their alignment attribute, which template arguments drop.
+// Vec<float>'s type without its alignment attribute, which template arguments drop.
 typedef float FloatVec __attribute__((vector_size(kVectorBytes)));
-typedef double DoubleVec __attribute__((vector_size(kVectorBytes)));
 
 // The integer of a float's size, or the vector of them of a float vector's size.
 template <typename V>
@@ -128,10 +127,9 @@ inline V erf_(V x) {
 }
 inline double erf_(double x) { return std::erf(x); }
 
-// The scalar type of V: T itself, or a vector's element.
+// The scalar type of V: T itself, or a float vector's element.
 template <typename V>
-using scalar_of_t = std::conditional_t<std::is_same_v<V, FloatVec>, float,
-                                       std::conditional_t<std::is_same_v<V, DoubleVec>, double, V>>;
+using scalar_of_t = std::conditional_t<std::is_same_v<V, FloatVec>, float, V>;
 
 // GELU (exact, with erf) and its derivative, as torch.nn.functional.gelu.
 template <typename V>

@@ -217,11 +217,18 @@ def source_hash(src: Path, sources: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+def cpuinfo() -> str:
+    """The first processor's block of /proc/cpuinfo (Linux), or "" where there is none."""
+    try:
+        return Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        return ""
+
+
 def cpu_signature() -> str:
     """The CPU's model and instruction-set flags (Linux), for builds with -march=native."""
-    try:
-        info = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
-    except OSError:
+    info = cpuinfo()
+    if not info:
         return os.uname().machine
     keep = [line for line in info.splitlines() if line.startswith(("model name", "flags", "Features"))]
     return "\n".join(keep)

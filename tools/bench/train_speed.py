@@ -356,12 +356,9 @@ def git_commit() -> str:
 def cpu_summary() -> str:
     """The CPU's model and its widest vector instructions, e.g. "AMD EPYC (family 25, model 1),
     AVX2": the compiled kernels are built for this machine's, and their speed follows them."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            first = f.read().split("\n\n")[0]
-    except OSError:
-        return platform.machine()
-    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first.splitlines())}
+    from terminator.ops._build import cpuinfo
+
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in cpuinfo().splitlines())}
     flags = set(fields.get("flags", "").split())
     model = fields.get("model name", platform.machine())
     if "cpu family" in fields and "model" in fields:
