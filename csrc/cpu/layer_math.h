@@ -417,18 +417,9 @@ inline Chunks sample_chunks(int64_t B) {  // at most 16 chunks
 }
 
 // Chunks of samples that run as one block plane (C, nb·N), the samples' planes side by
-// side: at least min_columns columns, at most max_chunks chunks; fixed by B and N only.
-inline Chunks block_chunks(int64_t B, int64_t N, int64_t min_columns = 256,
-                           int64_t max_chunks = 32) {
-  const int64_t size =
-      std::max<int64_t>({int64_t{1}, (min_columns + N - 1) / std::max<int64_t>(1, N),
-                         (B + max_chunks - 1) / max_chunks});
-  return {(B + size - 1) / size, size};
-}
-
-// Chunks as block_chunks, but equal in size and, where the batch allows, a multiple of 4 in
-// number, so that 1, 2 or 4 threads get the same work.
-inline Chunks balanced_block_chunks(int64_t B, int64_t N, int64_t min_columns = 256) {
+// side: about min_columns columns or more each, equal in size and, where the batch allows, a
+// multiple of 4 in number, so that 1, 2 or 4 threads get the same work; fixed by B and N only.
+inline Chunks block_chunks(int64_t B, int64_t N, int64_t min_columns = 256) {
   int64_t count = std::max<int64_t>(1, B * N / std::max<int64_t>(1, min_columns));
   count = std::min<int64_t>((count + 3) / 4 * 4, std::max<int64_t>(1, B));
   const int64_t size = (B + count - 1) / count;

@@ -503,7 +503,7 @@ void local_kernel_impl(const at::Tensor& u, const Geometry& g, const std::vector
   filter_sines(g, P, a, s);
   const auto pooled = pooled_contexts(g, u.data_ptr<T>(), batch_context);
   const int64_t G = batch_context ? 1 : g.B;
-  const Chunks ch = balanced_block_chunks(G, g.Nk);
+  const Chunks ch = block_chunks(G, g.Nk);
   const Shared<T> sh(g, P, s, ch.size);
   T* out = kernel.data_ptr<T>();
   const int64_t plane = g.C * g.Nk;
@@ -533,7 +533,7 @@ void local_kernel_backward_impl(const at::Tensor& gk_, const at::Tensor& u, cons
   wt.push_back(transposed(P.rw, H, g.C));
   const auto pooled = pooled_contexts(g, u.data_ptr<T>(), batch_context);
   const int64_t G = batch_context ? 1 : g.B;
-  const Chunks ch = balanced_block_chunks(G, g.Nk);
+  const Chunks ch = block_chunks(G, g.Nk);
   const Shared<T> sh(g, P, s, ch.size);
   const T* gk = gk_.data_ptr<T>();
   const int64_t plane = g.C * Nk;
