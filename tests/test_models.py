@@ -19,6 +19,7 @@ PRESET_SHAPES = {
     "cifar10": (3, 32, 32),
     "fmnist": (1, 28, 28),
     "fmnist-wide": (1, 28, 28),
+    "fmnist-large": (1, 28, 28),
     "seq784": (1, 784),
     "mnist1d": (1, 40),
 }
