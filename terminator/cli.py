@@ -154,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("train", help="train a Terminator (DDP under torchrun)")
     t.add_argument("--config", help="YAML file of TrainConfig fields")
     t.add_argument("--dataset", help="mnist1d | fashion-mnist | fashion-mnist-seq | fashion-mnist-pseq | digits")
-    t.add_argument("--preset", help="cifar10 | fmnist | fmnist-wide | fmnist-large | seq784 | mnist1d (default: the dataset's)")
+    t.add_argument(
+        "--preset", help="cifar10 | fmnist | fmnist-wide | fmnist-large | seq784 | mnist1d (default: the dataset's)"
+    )
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int, help="global batch (split over processes)")
     t.add_argument("--lr", type=float)
