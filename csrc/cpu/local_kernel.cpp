@@ -190,7 +190,7 @@ struct Shared {
 };
 
 // The forward of a block of `nb` context planes `pooled` (C, nb·Nk) into kernels
-// (C, nb·Nk), recording `t`.
+// (C, nb·Nk), recording `t`; kernel == nullptr records `t` only (the backward's recompute).
 template <typename T>
 void block_forward(const Geometry& g, const Params<T>& P, const Shared<T>& sh, int64_t nb,
                    const T* pooled, Trace<T>& t, T* kernel) {
@@ -229,7 +229,7 @@ void block_forward(const Geometry& g, const Params<T>& P, const Shared<T>& sh, i
       }
     }
   }
-  mix(P.ow, P.ob, t.h[g.L].data(), H, g.C, M, kernel);
+  if (kernel != nullptr) mix(P.ow, P.ob, t.h[g.L].data(), H, g.C, M, kernel);
 }
 
 // Gradient slots of one chunk of samples, in the op's gradient order after u.
@@ -542,10 +542,10 @@ void local_kernel_backward_impl(const at::Tensor& gk_, const at::Tensor& u, cons
   for_each_chunk(ch, G, [&](int64_t q, int64_t b0, int64_t b1) {
     const int64_t nb = b1 - b0;
     Trace<T> t(g, nb);
-    Scratch<T> in(nb * plane), res(nb * plane), gin(nb * plane), gout(nb * plane);
+    Scratch<T> in(nb * plane), gin(nb * plane), gout(nb * plane);
     to_block(pooled.data() + b0 * plane, nb, g.C, Nk, in.data());
     to_block(gk + b0 * plane, nb, g.C, Nk, gin.data());
-    block_forward(g, P, sh, nb, in.data(), t, res.data());
+    block_forward<T>(g, P, sh, nb, in.data(), t, nullptr);
     block_backward(g, P, sh, wt, nb, in.data(), t, gin.data(), slots[q], gout.data());
     from_block(gout.data(), nb, g.C, Nk, g_pooled.data() + b0 * plane);
   });
