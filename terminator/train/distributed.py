@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 
 import torch
@@ -82,7 +83,12 @@ def max_param_diff(model: torch.nn.Module, d: Dist) -> float:
 
 
 def teardown(d: Dist) -> None:
-    """Every rank leaves together: a rank tearing down gloo while another still works can abort."""
+    """Every rank leaves together: a rank tearing down gloo while another still works can abort.
+
+    Call it once nothing (a DDP wrapper included) references the process group any more, so
+    that its threads and connections close here rather than during interpreter shutdown.
+    """
     if d.active:
         barrier(d)
         dist.destroy_process_group()
+        gc.collect()

@@ -100,6 +100,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> dict:
         _evaluate_epoch(run, row)
         _end_epoch(run, row, last=epoch + 1 == end_epoch, log=log)
     result = finish(run, session_seconds=time.perf_counter() - started, log=log)
+    del run, model  # the DDP wrapper holds the process group: free it before the group is destroyed
     distributed.teardown(d)
     return result
 
