@@ -149,20 +149,21 @@ def profile(preset: str, batch: int, threads: int, top: int) -> dict:
     torch.set_num_threads(threads)
     keep_freed_memory()
     train, _ = _steps(preset, batch, "ours", 0)
-    for _ in range(2):
+    warmup = 2
+    for _ in range(warmup):
         train()
-    steps = 3
+    # One profiled step: over a longer session the profiler's records fragment the heap, the
+    # step's large tensors land on fresh pages, and page faults inflate the ops allocating them.
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            train()
+        train()
     events = sorted(
-        ((e.key, e.self_cpu_time_total / steps / 1e3, e.count // steps) for e in prof.key_averages()),
+        ((e.key, e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()),
         key=lambda e: -e[1],
     )
     total = sum(ms for _, ms, _ in events)
     print(
         f"\nwhere a training step of ours goes ({preset}, batch {batch}, {threads} threads; self CPU time, "
-        f"mean of {steps} steps): {total:.1f} ms"
+        f"one step after {warmup} warm-up steps): {total:.1f} ms"
     )
     print(f"  {'operator':<56} {'ms':>8} {'share':>7} {'calls':>6}")
     for name, ms, calls in events[:top]:
