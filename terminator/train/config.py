@@ -55,6 +55,7 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile the training step (cold: a minute or more; inductor caches it on disk)
     out: str | None = None  # run directory (default runs/<dataset>-<preset>)
     progress: bool = True  # tqdm progress bar (rank 0)
     plots: bool = True  # PNG learning curves and global hyper-kernels

@@ -133,7 +133,11 @@ def _start(cfg: TrainConfig, d: Dist, out: Path, splits: Splits, model: Terminat
     steps_per_epoch = max(1, math.ceil(len(sampler) / per_rank))
     total, warmup = steps_per_epoch * cfg.epochs, int(round(cfg.warmup_epochs * steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio))
-    return Run(cfg, d, out, splits, model, distributed.wrap(model, d), opt, sched, sampler, per_rank)
+    net = distributed.wrap(model, d)
+    if cfg.compile:
+        # Static shapes: an epoch's last, smaller batch gets its own graph instead of a symbolic one.
+        net = torch.compile(net, dynamic=False)
+    return Run(cfg, d, out, splits, model, net, opt, sched, sampler, per_rank)
 
 
 def _restore(run: Run, ckpt: dict) -> None:

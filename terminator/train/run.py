@@ -54,7 +54,7 @@ class Run:
     out: Path
     splits: Splits
     model: Terminator
-    net: torch.nn.Module  # the model, or its DDP wrapper
+    net: torch.nn.Module  # the model, or its DDP wrapper, compiled if cfg.compile
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     sampler: torch.utils.data.distributed.DistributedSampler
