@@ -13,6 +13,7 @@ from nn_helpers import single_thread, tiny_config, tiny_input, tiny_model, warm_
 import terminator.ops as ops
 from terminator.losses import TerminatorLoss
 from terminator.models import PRESETS, Terminator, TerminatorConfig, preset_parameter_counts
+from terminator.models.terminator import space_to_depth
 from terminator.optim import Kar3
 
 PRESET_SHAPES = {
@@ -20,6 +21,7 @@ PRESET_SHAPES = {
     "fmnist": (1, 28, 28),
     "fmnist-wide": (1, 28, 28),
     "fmnist-large": (1, 28, 28),
+    "fmnist-patch": (1, 28, 28),
     "seq784": (1, 784),
     "mnist1d": (1, 40),
 }
@@ -68,6 +70,41 @@ def test_faithful_switch_and_config_checks():
         TerminatorConfig(**tiny_config(2, dropout=(0.0,)))
     with pytest.raises(ValueError, match="x must have shape"):
         tiny_model(2)(torch.randn(2, 2, 9, 9))
+
+
+@pytest.mark.parametrize("data_dim", [1, 2])
+def test_patch_folds_cells_of_pixels_into_channels(data_dim):
+    p = 2
+    x = torch.randn(3, 2, *((8, 8) if data_dim == 2 else (16,)))
+    y = space_to_depth(x, p)
+    if data_dim == 2:
+        assert torch.equal(y, torch.nn.functional.pixel_unshuffle(x, p))
+    else:  # y[b, c·p + j, n] = x[b, c, n·p + j]
+        for c in range(2):
+            for j in range(p):
+                assert torch.equal(y[:, c * p + j], x[:, c, j::p])
+    # The patched network is the unpatched one over the folded input, with the same parameters.
+    widths = dict(factors=(16 // (2 * p**data_dim), 2, 2), local_sizes=(3, 3, 3, 3))
+    patched = tiny_model(data_dim, patch=p, channels=(2, 16, 32), **widths).eval()
+    c = patched.config
+    assert c.block_channels == (2 * p**data_dim, 16, 32) and c.block_size == tuple(n // p for n in c.size)
+    plain = tiny_model(data_dim, size=c.block_size, channels=c.block_channels, **widths).eval()
+    plain.load_state_dict(patched.state_dict())
+    with torch.no_grad():
+        logits, kernels = patched(x, return_kernels=True)
+        expected, expected_kernels = plain(space_to_depth(x, p), return_kernels=True)
+    assert torch.allclose(logits, expected, atol=1e-6)
+    assert all(k.shape == (w, *c.block_size) for k, w in zip(kernels, c.block_channels))
+    assert all(torch.allclose(a, b) for a, b in zip(kernels, expected_kernels))
+
+
+def test_patch_checks_name_the_field():
+    with pytest.raises(ValueError, match="patch must be a positive integer that divides every size"):
+        TerminatorConfig(**tiny_config(2, patch=3))
+    with pytest.raises(ValueError, match="patch must be"):
+        TerminatorConfig(**tiny_config(2, patch=0))
+    with pytest.raises(ValueError, match=r"channels\[0\]\*patch\^2\*factors\[0\] = 16 .* channels\[1\] = 4"):
+        TerminatorConfig(**tiny_config(2, patch=2))
 
 
 def test_print_is_readable():

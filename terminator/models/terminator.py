@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..nn.block import SFNEBlock
@@ -20,8 +21,12 @@ __all__ = ["Terminator", "TerminatorConfig", "PRESETS", "parameter_count", "pres
 class TerminatorConfig:
     """Everything that defines a :class:`Terminator` (``Terminator(**fields)``).
 
-    ``channels[i]`` is block i's input width, ``factors[i]`` its bottleneck factor;
-    block i's output (``channels[i]·factors[i]``) must be block i+1's input.
+    The input is ``(B, channels[0], *size)``. ``patch`` > 1 first folds every
+    ``patch``-wide cell of pixels into channels (space-to-depth, no parameters): the blocks
+    then run at ``block_size = size / patch`` and block 0 takes ``channels[0]·patch^d``
+    channels (``block_channels``). ``channels[i]`` (i ≥ 1) is block i's input width,
+    ``factors[i]`` every block's bottleneck factor; block i's output
+    (``block_channels[i]·factors[i]``) must be block i+1's input.
     ``previous[i]`` lists the earlier blocks whose outputs block i also takes (tiled
     along channels), at most two. ``faithful=True`` forces the release's choices:
     batch-mean local context and batch statistics at eval.
@@ -29,6 +34,7 @@ class TerminatorConfig:
 
     data_dim: int = 2
     size: tuple[int, ...] | None = None  # None: (32, 32) in 2D, (784,) in 1D
+    patch: int = 1
     num_classes: int = 10
     channels: tuple[int, ...] = (3, 12, 36, 72, 144)
     factors: tuple[int, ...] = (4, 3, 2, 2, 2)
@@ -59,6 +65,8 @@ class TerminatorConfig:
         self.size = (self.size,) * self.data_dim if isinstance(self.size, int) else tuple(self.size)
         if len(self.size) != self.data_dim:
             raise ValueError(f"size must have {self.data_dim} entries for data_dim={self.data_dim}, got {self.size}")
+        if not isinstance(self.patch, int) or self.patch < 1 or any(s % self.patch for s in self.size):
+            raise ValueError(f"patch must be a positive integer that divides every size {self.size}, got {self.patch}")
         if self.mode is None:
             square = self.data_dim == 2 and self.size[0] == self.size[1]
             self.mode = "matmul" if square else "dot"
@@ -76,9 +84,11 @@ class TerminatorConfig:
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name} must have one entry per block ({n}), got {getattr(self, name)}")
         for i in range(n - 1):
-            if self.channels[i] * self.factors[i] != self.channels[i + 1]:
+            width = self.block_channels[i]
+            if width * self.factors[i] != self.channels[i + 1]:
+                name = f"channels[{i}]" if i or self.patch == 1 else f"channels[0]*patch^{self.data_dim}"
                 raise ValueError(
-                    f"block {i} outputs channels[{i}]*factors[{i}] = {self.channels[i] * self.factors[i]} "
+                    f"block {i} outputs {name}*factors[{i}] = {width * self.factors[i]} "
                     f"channels, but block {i + 1} takes channels[{i + 1}] = {self.channels[i + 1]}"
                 )
         for i, prev in enumerate(self.previous):
@@ -86,8 +96,18 @@ class TerminatorConfig:
                 raise ValueError(f"previous[{i}] must list at most two blocks before block {i - 1}, got {prev}")
 
     @property
+    def block_channels(self) -> tuple[int, ...]:
+        """Each block's input width (block 0's after the space-to-depth of ``patch``)."""
+        return (self.channels[0] * self.patch**self.data_dim, *self.channels[1:])
+
+    @property
+    def block_size(self) -> tuple[int, ...]:
+        """The spatial size the blocks run at: ``size / patch``."""
+        return tuple(s // self.patch for s in self.size)
+
+    @property
     def out_channels(self) -> int:
-        return self.channels[-1] * self.factors[-1]
+        return self.block_channels[-1] * self.factors[-1]
 
 
 #: Preset name → keyword arguments of :class:`TerminatorConfig`.
@@ -113,6 +133,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Fashion-MNIST, the fmnist network 2× wider with a 64-channel last block (the recipe,
     # configs/fmnist.yaml; chosen on a validation split, docs/RESULTS.md).
     "fmnist-large": None,  # filled in below
+    # Fashion-MNIST with 2×2 cells of pixels folded into channels: the blocks run at 14×14,
+    # 12 and 24 channels wide, a 96-channel last block (the recipe, configs/fmnist.yaml;
+    # chosen on a validation split, docs/RESULTS.md).
+    "fmnist-patch": None,  # filled in below
     # Sequential 28×28 images (pixel sequences, length 784).
     "seq784": None,  # the fmnist network over the 784-long pixel sequence (filled in below)
     # MNIST-1D (length 40).
@@ -129,6 +153,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 PRESETS["fmnist-wide"] = {**PRESETS["fmnist"], "channels": (1, 6, 12), "factors": (6, 2, 4)}
 PRESETS["fmnist-large"] = {**PRESETS["fmnist"], "channels": (1, 8, 16), "factors": (8, 2, 4)}
+PRESETS["fmnist-patch"] = {**PRESETS["fmnist"], "patch": 2, "channels": (1, 12, 24), "factors": (3, 2, 4)}
 PRESETS["seq784"] = {**PRESETS["fmnist"], "data_dim": 1, "size": (784,)}
 
 
@@ -143,7 +168,7 @@ class Terminator(nn.Module):
     Build from keyword arguments (see :class:`TerminatorConfig`, defaults = the
     ``cifar10`` release) or ``Terminator.from_preset(name, num_classes=...)``.
     ``forward(x, return_kernels=True)`` also returns each block's global kernel
-    ``K_g (C_i, *size)`` for :func:`terminator.losses.slow_neural_loss`.
+    ``K_g (C_i, *block_size)`` for :func:`terminator.losses.slow_neural_loss`.
     """
 
     def __init__(self, config: TerminatorConfig | None = None, **kwargs: Any):
@@ -157,9 +182,9 @@ class Terminator(nn.Module):
         self.blocks = nn.ModuleList(
             SFNEBlock(
                 c.data_dim,
-                c.channels[i],
+                c.block_channels[i],
                 c.factors[i],
-                c.size,
+                c.block_size,
                 num_previous=len(c.previous[i]),
                 mode=c.mode,
                 global_hidden=c.global_hidden,
@@ -190,7 +215,7 @@ class Terminator(nn.Module):
     @classmethod
     def from_preset(cls, name: str, num_classes: int | None = None, **overrides: Any) -> "Terminator":
         """A preset: ``"cifar10"`` (the release), ``"fmnist"``, ``"fmnist-wide"``,
-        ``"fmnist-large"``, ``"seq784"``, ``"mnist1d"``.
+        ``"fmnist-large"``, ``"fmnist-patch"``, ``"seq784"``, ``"mnist1d"``.
 
         ``overrides`` replace preset fields, e.g. ``faithful=True`` or ``mode="conv"``.
         """
@@ -207,7 +232,7 @@ class Terminator(nn.Module):
         return parameter_count(self)
 
     def global_kernels(self) -> list[torch.Tensor]:
-        """Each block's global hyper-kernel ``K_g (C_i, *size)`` (input-independent)."""
+        """Each block's global hyper-kernel ``K_g (C_i, *block_size)`` (input-independent)."""
         return [block.global_hzzw.kernel() for block in self.blocks]
 
     def forward(self, x: torch.Tensor, return_kernels: bool = False):
@@ -218,7 +243,7 @@ class Terminator(nn.Module):
             raise ValueError(f"x must have shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
         outputs: list[torch.Tensor] = []
         kernels: list[torch.Tensor] = []
-        h = x
+        h = space_to_depth(x, c.patch)
         for i, block in enumerate(self.blocks):
             if i > 0:
                 h = outputs[-1] + self.bias[i - 1]
@@ -234,7 +259,8 @@ class Terminator(nn.Module):
         c = self.config
         rows = [
             f"Terminator {c.data_dim}D, input ({c.channels[0]}, {', '.join(map(str, c.size))}), "
-            f"mode={c.mode!r}, local_context={c.local_context!r}, running_stats={c.running_stats}"
+            + (f"patch {c.patch} → ({c.block_channels[0]}, {', '.join(map(str, c.block_size))}), " if c.patch > 1 else "")
+            + f"mode={c.mode!r}, local_context={c.local_context!r}, running_stats={c.running_stats}"
         ]
         rows.append(
             f"{'block':>5}  {'in':>5} {'out':>5}  {'previous':<9} {'G layers':>8} {'dropout':>7} {'params':>10}"
@@ -242,7 +268,7 @@ class Terminator(nn.Module):
         for i, block in enumerate(self.blocks):
             prev = ",".join(map(str, c.previous[i])) or "-"
             rows.append(
-                f"{i:>5}  {c.channels[i]:>5} {c.channels[i] * c.factors[i]:>5}  {prev:<9} "
+                f"{i:>5}  {c.block_channels[i]:>5} {c.block_channels[i] * c.factors[i]:>5}  {prev:<9} "
                 f"{c.global_layers[i]:>8} {c.dropout[i]:>7g} {parameter_count(block):>10,}"
             )
         rows.append(
@@ -255,10 +281,21 @@ class Terminator(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return (
-            f"data_dim={c.data_dim}, size={c.size}, channels={c.channels}, factors={c.factors}, "
+            f"data_dim={c.data_dim}, size={c.size}, patch={c.patch}, channels={c.channels}, factors={c.factors}, "
             f"previous={c.previous}, mode={c.mode!r}, local_context={c.local_context!r}, "
             f"running_stats={c.running_stats}, parameters={parameter_count(self):,}"
         )
+
+
+def space_to_depth(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """``(B, C, *S)`` → ``(B, C·patch^d, *S/patch)``: each ``patch``-wide cell of pixels becomes
+    channels (channel-major, then the cell's rows and columns, as ``pixel_unshuffle``)."""
+    if patch == 1:
+        return x
+    if x.dim() == 4:
+        return F.pixel_unshuffle(x, patch)
+    b, c, n = x.shape
+    return x.reshape(b, c, n // patch, patch).transpose(2, 3).reshape(b, c * patch, n // patch)
 
 
 def parameter_count(model: nn.Module) -> int:
