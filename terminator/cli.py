@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--config", help="YAML file of TrainConfig fields")
     t.add_argument("--dataset", help="mnist1d | fashion-mnist | fashion-mnist-seq | fashion-mnist-pseq | digits")
     t.add_argument(
-        "--preset", help="cifar10 | fmnist | fmnist-wide | fmnist-large | seq784 | mnist1d (default: the dataset's)"
+        "--preset",
+        help="cifar10 | fmnist | fmnist-wide | fmnist-large | fmnist-patch | seq784 | mnist1d (default: the dataset's)",
     )
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int, help="global batch (split over processes)")

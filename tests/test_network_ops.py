@@ -288,7 +288,7 @@ def _network_run(model, x, y, train):
 
 
 @requires_compiled
-@pytest.mark.parametrize("preset", ["fmnist", "seq784", "mnist1d", "cifar10"])
+@pytest.mark.parametrize("preset", ["fmnist", "fmnist-patch", "seq784", "mnist1d", "cifar10"])
 @pytest.mark.parametrize("train", [True, False])
 def test_network_matches_the_reference_backend(preset, train):
     """Outputs and every parameter's gradient: fused against the network's reference

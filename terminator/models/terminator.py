@@ -130,12 +130,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Fashion-MNIST, the fmnist network 1.5× wider with a 48-channel last block (chosen on a
     # validation split, docs/RESULTS.md).
     "fmnist-wide": None,  # filled in below
-    # Fashion-MNIST, the fmnist network 2× wider with a 64-channel last block (the recipe,
-    # configs/fmnist.yaml; chosen on a validation split, docs/RESULTS.md).
+    # Fashion-MNIST, the fmnist network 2× wider with a 64-channel last block (chosen on a
+    # validation split, docs/RESULTS.md).
     "fmnist-large": None,  # filled in below
     # Fashion-MNIST with 2×2 cells of pixels folded into channels: the blocks run at 14×14,
-    # 12 and 24 channels wide, a 96-channel last block (the recipe, configs/fmnist.yaml;
-    # chosen on a validation split, docs/RESULTS.md).
+    # 12 and 24 channels wide, a 96-channel last block (docs/RESULTS.md).
     "fmnist-patch": None,  # filled in below
     # Sequential 28×28 images (pixel sequences, length 784).
     "seq784": None,  # the fmnist network over the 784-long pixel sequence (filled in below)
@@ -257,10 +256,11 @@ class Terminator(nn.Module):
     def summary(self) -> str:
         """A short table: one row per block (channels, earlier inputs, kernel, parameters)."""
         c = self.config
+        size, block_size = (", ".join(map(str, s)) for s in (c.size, c.block_size))
+        folded = f"patch {c.patch} → ({c.block_channels[0]}, {block_size}), " if c.patch > 1 else ""
         rows = [
-            f"Terminator {c.data_dim}D, input ({c.channels[0]}, {', '.join(map(str, c.size))}), "
-            + (f"patch {c.patch} → ({c.block_channels[0]}, {', '.join(map(str, c.block_size))}), " if c.patch > 1 else "")
-            + f"mode={c.mode!r}, local_context={c.local_context!r}, running_stats={c.running_stats}"
+            f"Terminator {c.data_dim}D, input ({c.channels[0]}, {size}), {folded}"
+            f"mode={c.mode!r}, local_context={c.local_context!r}, running_stats={c.running_stats}"
         ]
         rows.append(
             f"{'block':>5}  {'in':>5} {'out':>5}  {'previous':<9} {'G layers':>8} {'dropout':>7} {'params':>10}"
