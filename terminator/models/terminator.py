@@ -25,7 +25,7 @@ class TerminatorConfig:
     ``patch``-wide cell of pixels into channels (space-to-depth, no parameters): the blocks
     then run at ``block_size = size / patch`` and block 0 takes ``channels[0]·patch^d``
     channels (``block_channels``). ``channels[i]`` (i ≥ 1) is block i's input width,
-    ``factors[i]`` every block's bottleneck factor; block i's output
+    ``factors[i]`` block i's bottleneck factor; block i's output
     (``block_channels[i]·factors[i]``) must be block i+1's input.
     ``previous[i]`` lists the earlier blocks whose outputs block i also takes (tiled
     along channels), at most two. ``faithful=True`` forces the release's choices:
