@@ -3,7 +3,7 @@
 against the same network in plain PyTorch (TERMINATOR_BACKEND=reference), each eager and
 under torch.compile, and for the Fashion-MNIST presets the plain CNN baseline.
 
-    python tools/bench/train_speed.py                          # every preset, 2 rounds
+    python tools/bench/train_speed.py                          # the presets of the targets, 2 rounds
     python tools/bench/train_speed.py --presets fmnist --rounds 3 --profile
     python tools/bench/train_speed.py --no-compile --json /tmp/speed.json
 
