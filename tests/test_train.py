@@ -63,6 +63,32 @@ def test_config_yaml_and_overrides(tmp_path):
         load_config(None, {"epoch": 3})
 
 
+def test_config_optimizers_betas_and_numbers_written_without_a_dot():
+    assert TrainConfig().betas == (0.5, 0.95) and TrainConfig(optimizer="kar2").betas == (0.5, 0.95)
+    assert TrainConfig(optimizer="adam").betas == (0.9, 0.999)
+    # YAML 1.1 reads 2e-3 as a string
+    cfg = load_config(None, parse_set(["lr=2e-3", "l2=1e-4", "warmup_epochs=2"]))
+    assert cfg.lr == 2e-3 and cfg.l2 == 1e-4 and isinstance(cfg.warmup_epochs, float)
+    with pytest.raises(ValueError, match="lr must be a number, got 'fast'"):
+        TrainConfig(lr="fast")
+    with pytest.raises(ValueError, match="optimizer must be 'kar3', 'kar2' or 'adam', got 'sgd'"):
+        TrainConfig(optimizer="sgd")
+
+
+def test_adam_run_resumes_exactly(tmp_path):
+    """Adam's moments are saved with the run: stop after 1 epoch + resume equals 2 epochs at once."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = ["--dataset", "digits", "--epochs", "2", "--set", "optimizer=adam", "--set", "lr=2e-3", *TINY_TRAIN_ARGS]
+    assert main(["train", "--out", str(a), "--set", "stop_after=1", *args]) == 0
+    assert main(["train", "--out", str(a), "--resume"]) == 0
+    assert main(["train", "--out", str(b), *args]) == 0
+    sa, sb = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
+    assert sa["epoch"] == sb["epoch"] == 2 and sa["config"]["optimizer"] == "adam"
+    assert set(sa["optimizer"]["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    for key in sb["model"]:
+        assert torch.equal(sa["model"][key], sb["model"][key]), key
+
+
 def test_train_resume_eval_exact(tmp_path, capsys):
     """Two epochs in two sessions (stop after 1, resume) equal two epochs in one session, bit for bit."""
     a, b = tmp_path / "a", tmp_path / "b"

@@ -43,9 +43,9 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
     eval_batch_size: int = 500
-    optimizer: str = "kar3"  # kar3 | kar2
+    optimizer: str = "kar3"  # kar3 | kar2 | adam (torch.optim.Adam, no weight decay)
     lr: float = 1.215e-3
-    betas: tuple[float, float] = (0.5, 0.95)
+    betas: tuple[float, float] | None = None  # None: (0.5, 0.95) for kar3/kar2, (0.9, 0.999) for adam
     warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to min_lr_ratio·lr
     min_lr_ratio: float = 0.0
     label_smoothing: float = 0.09
@@ -64,12 +64,22 @@ class TrainConfig:
     track_test: bool = False  # also log test accuracy each epoch (time-to-accuracy curves; never used to select)
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            # YAML 1.1 reads a number like 2e-3 (no dot) as a string.
+            if f.type in ("float", "float | None") and isinstance(value, (str, int)) and not isinstance(value, bool):
+                try:
+                    setattr(self, f.name, float(value))
+                except ValueError:
+                    raise ValueError(f"{f.name} must be a number, got {value!r}") from None
+        if self.optimizer not in ("kar3", "kar2", "adam"):
+            raise ValueError(f"optimizer must be 'kar3', 'kar2' or 'adam', got {self.optimizer!r}")
+        if self.betas is None:
+            self.betas = (0.9, 0.999) if self.optimizer == "adam" else (0.5, 0.95)
         self.betas = tuple(float(b) for b in self.betas)
         self.model = dict(self.model or {})
         if self.epochs < 0 or self.batch_size < 1 or not 0 <= self.val_fraction < 1:
             raise ValueError("epochs must be >= 0, batch_size >= 1 and 0 <= val_fraction < 1")
-        if self.optimizer not in ("kar3", "kar2"):
-            raise ValueError(f"optimizer must be 'kar3' or 'kar2', got {self.optimizer!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dicts, lists and primitives (YAML, JSON and ``torch.load(weights_only=True)``)."""

@@ -124,8 +124,10 @@ def _start(cfg: TrainConfig, d: Dist, out: Path, splits: Splits, model: Terminat
     """Optimizer, sampler and learning-rate schedule around ``model``."""
     if cfg.optimizer == "kar3":
         opt = Kar3(model.parameters(), lr=cfg.lr, betas=cfg.betas)
-    else:
+    elif cfg.optimizer == "kar2":
         opt = Kar2(model.parameters(), lr=cfg.lr, beta=cfg.betas[-1])
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
     per_rank = max(1, cfg.batch_size // d.world)
     sampler = torch.utils.data.distributed.DistributedSampler(
         range(len(splits.train_y)), num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed, drop_last=True
