@@ -63,12 +63,17 @@ def test_config_yaml_and_overrides(tmp_path):
         load_config(None, {"epoch": 3})
 
 
-def test_config_optimizers_betas_and_numbers_written_without_a_dot():
+def test_config_optimizers_betas_and_numbers_written_without_a_dot(tmp_path):
     assert TrainConfig().betas == (0.5, 0.95) and TrainConfig(optimizer="kar2").betas == (0.5, 0.95)
     assert TrainConfig(optimizer="adam").betas == (0.9, 0.999)
     # YAML 1.1 reads 2e-3 as a string
     cfg = load_config(None, parse_set(["lr=2e-3", "l2=1e-4", "warmup_epochs=2"]))
     assert cfg.lr == 2e-3 and cfg.l2 == 1e-4 and isinstance(cfg.warmup_epochs, float)
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 5E-3\nmodel:\n  omega_0: 1e3\n  channels: [1, 4]\n")
+    cfg = load_config(path, parse_set(["model.global_hidden=8", "val_fraction=2e-1"]))
+    assert cfg.lr == 5e-3 and cfg.model["omega_0"] == 1000.0 and isinstance(cfg.model["omega_0"], float)
+    assert cfg.model["channels"] == [1, 4] and cfg.model["global_hidden"] == 8 and cfg.val_fraction == 0.2
     with pytest.raises(ValueError, match="lr must be a number, got 'fast'"):
         TrainConfig(lr="fast")
     with pytest.raises(ValueError, match="optimizer must be 'kar3', 'kar2' or 'adam', got 'sgd'"):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,7 +68,7 @@ class TrainConfig:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            # YAML 1.1 reads a number like 2e-3 (no dot) as a string.
+            # A number a Python caller passes as text, e.g. lr="2e-3".
             if f.type in ("float", "float | None") and isinstance(value, (str, int)) and not isinstance(value, bool):
                 try:
                     setattr(self, f.name, float(value))
@@ -102,16 +104,33 @@ class TrainConfig:
         return cls(**data)
 
 
-def parse_set(items: list[str] | None) -> dict[str, Any]:
-    """``["a=1", "model.channels=[1,4]"]`` → nested dict; values are parsed as YAML."""
+@functools.cache
+def _yaml_loader():
+    """PyYAML's safe loader, reading ``2e-3`` as the number YAML 1.2 says it is (1.1: a string)."""
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
+
+    exponent_float = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent_float, list("-+0123456789"))
+    return Loader
+
+
+def _yaml_load(stream: Any) -> Any:
+    import yaml
+
+    return yaml.load(stream, Loader=_yaml_loader())
+
+
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """``["a=1", "model.channels=[1,4]"]`` → nested dict; values are parsed as YAML."""
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
             raise ValueError(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = _yaml_load(value) if value.strip() else None
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -137,10 +156,8 @@ def load_config(
     """Defaults ← ``base`` (e.g. a checkpoint's config) ← YAML file ← ``overrides``."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
-        import yaml
-
         with open(path, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f) or {}
+            loaded = _yaml_load(f) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping of configuration keys")
         data = apply_overrides(data, loaded)
