@@ -10,6 +10,8 @@
 //
 // Planes are (units, positions) with the positions of a block of samples side by side, so
 // every product is one channel mix over the block. The backward recomputes the forward.
+// W_r and W_f have no nonlinearity between them: they run as one product (W_f W_r) pooled, H×C
+// instead of H×C and H×H per position, and their gradients follow from that product's.
 #include "layer_math.h"
 #include "layers.h"
 
@@ -128,13 +130,13 @@ struct Params {
 // are the same for every sample: they are read from Shared, and h[0], lin[0] stay empty.
 template <typename T>
 struct Trace {
-  Scratch<T> c1, c2, ctx;
+  Scratch<T> c2, ctx;
   std::vector<Scratch<T>> h;                  // h_0..h_L
   std::vector<Scratch<T>> lin, pre, n, gate;  // layers 1..L
   std::vector<Scratch<T>> denom;              // layers 1..L, (H, samples)
   Trace(const Geometry& g, int64_t samples) {
     const int64_t M = samples * g.Nk;
-    for (auto* v : {&c1, &c2, &ctx}) v->resize(g.H * M);
+    for (auto* v : {&c2, &ctx}) v->resize(g.H * M);
     h.resize(g.L + 1);
     for (auto* layers : {&lin, &pre, &n, &gate, &denom}) layers->resize(g.L);
     for (int64_t i = 0; i < g.L; ++i) {
@@ -165,11 +167,13 @@ void filter_sines(const Geometry& g, const Params<T>& P, std::vector<std::vector
 }
 
 // What every block shares: the sines s_i, h_0's first linear and the bias map, tiled over
-// `samples` samples, (H, M) and (M).
+// `samples` samples, (H, M) and (M); the context's two linears as one, W_f W_r (H, C) and
+// W_f b_r + b_f (H).
 template <typename T>
 struct Shared {
   std::vector<std::vector<T>> s;
   std::vector<T> s0, lin1, p;  // s0: s_0 untiled, (H, Nk)
+  std::vector<T> ctx_w, ctx_b;
   Shared(const Geometry& g, const Params<T>& P, const std::vector<std::vector<T>>& sines,
          int64_t samples) {
     const int64_t Nk = g.Nk, M = samples * Nk;
@@ -186,6 +190,14 @@ struct Shared {
     mix(P.lw[0], P.lb[0], sines[0].data(), g.H, g.H, Nk, l1.data());
     lin1 = tile(l1.data(), g.H);
     p = tile(P.p, 1);
+    ctx_w.assign(g.H * g.C, T(0));
+    ctx_b.assign(P.cb, P.cb + g.H);
+    for (int64_t o = 0; o < g.H; ++o)
+      for (int64_t i = 0; i < g.H; ++i) {
+        const T f = P.cw[o * g.H + i];
+        ctx_b[o] += f * P.rb[i];
+        for (int64_t c = 0; c < g.C; ++c) ctx_w[o * g.C + c] += f * P.rw[i * g.C + c];
+      }
   }
 };
 
@@ -195,8 +207,7 @@ template <typename T>
 void block_forward(const Geometry& g, const Params<T>& P, const Shared<T>& sh, int64_t nb,
                    const T* pooled, Trace<T>& t, T* kernel) {
   const int64_t H = g.H, Nk = g.Nk, M = nb * Nk, ld = sh.p.size();
-  mix(P.rw, P.rb, pooled, g.C, H, M, t.c1.data());
-  mix(P.cw, P.cb, t.c1.data(), H, H, M, t.c2.data());
+  mix(sh.ctx_w.data(), sh.ctx_b.data(), pooled, g.C, H, M, t.c2.data());
   map_row(H * M, t.ctx.data(), t.c2.data(), [](auto v) { return gelu(v); });
   for (int64_t i = 1; i <= g.L; ++i) {
     // h_0 is shared, so is its first linear: layer 1 reads it from sh (row stride ld).
@@ -237,7 +248,8 @@ template <typename T>
 struct Grads {
   std::vector<std::vector<T>> fs;  // g of s_i (H·Nk), L + 1: turned into filter grads at the end
   std::vector<std::vector<T>> lw, lb;  // L
-  std::vector<T> ow, ob, p, alpha, beta, rw, rb, cw, cb;
+  std::vector<T> ow, ob, p, alpha, beta;
+  std::vector<T> ctx_w, ctx_b;         // of W_f W_r and W_f b_r + b_f: (H, C), (H)
   std::vector<std::vector<T>> gw, gb;  // L
   Grads(const Geometry& g) {
     const int64_t H = g.H;
@@ -251,10 +263,8 @@ struct Grads {
     p.assign(g.Nk, T(0));
     alpha.assign(g.L * H, T(0));
     beta = alpha;
-    rw.assign(H * g.C, T(0));
-    rb.assign(H, T(0));
-    cw.assign(H * H, T(0));
-    cb.assign(H, T(0));
+    ctx_w.assign(H * g.C, T(0));
+    ctx_b.assign(H, T(0));
   }
   void add(const Grads& o) {
     auto acc = [](std::vector<T>& a, const std::vector<T>& b) {
@@ -272,10 +282,8 @@ struct Grads {
                         {&p, &o.p},
                         {&alpha, &o.alpha},
                         {&beta, &o.beta},
-                        {&rw, &o.rw},
-                        {&rb, &o.rb},
-                        {&cw, &o.cw},
-                        {&cb, &o.cb}})
+                        {&ctx_w, &o.ctx_w},
+                        {&ctx_b, &o.ctx_b}})
       acc(*a, *b);
   }
 };
@@ -299,8 +307,8 @@ void block_backward(const Geometry& g, const Params<T>& P, const Shared<T>& sh,
                     const std::vector<std::vector<T>>& wt, int64_t nb, const T* pooled,
                     const Trace<T>& t, const T* g_kernel, Grads<T>& G, T* g_pooled) {
   const int64_t H = g.H, Nk = g.Nk, L = g.L, M = nb * Nk, ld = sh.p.size();
-  // wt: transposed weights: [0] output (H, C), [1..L] linears, [L+1..2L] gates, [2L+1] fc, [2L+2]
-  // reduce
+  // wt: transposed weights: [0] output (H, C), [1..L] linears, [L+1..2L] gates, [2L+1] the
+  // context's W_f W_r (C, H)
   Scratch<T> gh(H * M), g_pre(H * M), g_gate(H * M), g_lin(H * M), g_s(H * M);
   std::vector<T> g_ctx(H * M, T(0));
   accumulate_weight_grad(g_kernel, t.h[L].data(), H, g.C, M, G.ow.data(), G.ob.data());
@@ -383,14 +391,39 @@ void block_backward(const Geometry& g, const Params<T>& P, const Shared<T>& sh,
       add_segments(g_h0.data(), H, 1, Nk, G.fs[0].data());  // h_0 = s_0
     }
   }
-  // ctx = GELU(c2), c2 = W_f c1 + b_f, c1 = W_r pooled + b_r
-  Scratch<T> g_c2(H * M), g_c1(H * M);
+  // ctx = GELU(c2), c2 = (W_f W_r) pooled + (W_f b_r + b_f)
+  Scratch<T> g_c2(H * M);
   map_row(H * M, g_c2.data(), g_ctx.data(), t.c2.data(),
           [](auto gv, auto cv) { return gv * gelu_grad(cv); });
-  accumulate_weight_grad(g_c2.data(), t.c1.data(), H, H, M, G.cw.data(), G.cb.data());
-  mix(wt[2 * L + 1].data(), static_cast<const T*>(nullptr), g_c2.data(), H, H, M, g_c1.data());
-  accumulate_weight_grad(g_c1.data(), pooled, g.C, H, M, G.rw.data(), G.rb.data());
-  mix(wt[2 * L + 2].data(), static_cast<const T*>(nullptr), g_c1.data(), H, g.C, M, g_pooled);
+  accumulate_weight_grad(g_c2.data(), pooled, g.C, H, M, G.ctx_w.data(), G.ctx_b.data());
+  mix(wt[2 * L + 1].data(), static_cast<const T*>(nullptr), g_c2.data(), H, g.C, M, g_pooled);
+}
+
+// The gradients of W_r, b_r, W_f, b_f from those of the product W_f W_r (gp, (H, C)) and of
+// W_f b_r + b_f (gs, (H)): c1 = W_r pooled + b_r, so g_W_f = Σ g_c2 c1ᵀ = gp W_rᵀ + gs b_rᵀ,
+// g_c1 = W_fᵀ g_c2, so g_W_r = W_fᵀ gp and g_b_r = W_fᵀ gs; g_b_f = gs.
+template <typename T>
+void context_grads(const Geometry& g, const Params<T>& P, const std::vector<T>& gp,
+                   const std::vector<T>& gs, T* g_rw, T* g_rb, T* g_cw, T* g_cb) {
+  const int64_t H = g.H, C = g.C;
+  for (int64_t o = 0; o < H; ++o) {
+    g_cb[o] = gs[o];
+    for (int64_t i = 0; i < H; ++i) {
+      T v = gs[o] * P.rb[i];
+      for (int64_t c = 0; c < C; ++c) v += gp[o * C + c] * P.rw[i * C + c];
+      g_cw[o * H + i] = v;
+    }
+  }
+  for (int64_t i = 0; i < H; ++i) {
+    T vb = 0;
+    for (int64_t c = 0; c < C; ++c) g_rw[i * C + c] = T(0);
+    for (int64_t o = 0; o < H; ++o) {
+      const T f = P.cw[o * H + i];
+      vb += f * gs[o];
+      for (int64_t c = 0; c < C; ++c) g_rw[i * C + c] += f * gp[o * C + c];
+    }
+    g_rb[i] = vb;
+  }
 }
 
 template <typename T>
@@ -529,12 +562,11 @@ void local_kernel_backward_impl(const at::Tensor& gk_, const at::Tensor& u, cons
   wt.push_back(transposed(P.ow, g.C, H));
   for (int64_t i = 0; i < L; ++i) wt.push_back(transposed(P.lw[i], H, H));
   for (int64_t i = 0; i < L; ++i) wt.push_back(transposed(P.gw[i], H, H));
-  wt.push_back(transposed(P.cw, H, H));
-  wt.push_back(transposed(P.rw, H, g.C));
   const auto pooled = pooled_contexts(g, u.data_ptr<T>(), batch_context);
   const int64_t G = batch_context ? 1 : g.B;
   const Chunks ch = block_chunks(G, g.Nk);
   const Shared<T> sh(g, P, s, ch.size);
+  wt.push_back(transposed(sh.ctx_w.data(), H, g.C));
   const T* gk = gk_.data_ptr<T>();
   const int64_t plane = g.C * Nk;
   std::vector<T> g_pooled(G * plane);
@@ -586,10 +618,9 @@ void local_kernel_backward_impl(const at::Tensor& gk_, const at::Tensor& u, cons
   put(G_.p);
   put(G_.alpha);
   put(G_.beta);
-  put(G_.rw);
-  put(G_.rb);
-  put(G_.cw);
-  put(G_.cb);
+  context_grads(g, P, G_.ctx_w, G_.ctx_b, grads[j].data_ptr<T>(), grads[j + 1].data_ptr<T>(),
+                grads[j + 2].data_ptr<T>(), grads[j + 3].data_ptr<T>());
+  j += 4;
   for (int64_t i = 0; i < L; ++i) put(G_.gw[i]);
   for (int64_t i = 0; i < L; ++i) put(G_.gb[i]);
 }
