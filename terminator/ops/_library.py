@@ -26,11 +26,24 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import _C
+from torch._functorch.utils import unwrap_dead_wrappers
 
 from . import _checks
 
 _ops = None  # torch.ops.terminator once registered
 _lib = None  # the torch.library.Library holding this file's registrations
+
+
+class _OpFunction(torch.autograd.Function):
+    """An autograd.Function whose ``apply`` skips, outside torch.func transforms, what
+    ``Function.apply`` does for them: binding the arguments to ``forward``'s signature with
+    ``inspect`` on every call (every argument here is positional, none has a default)."""
+
+    @classmethod
+    def apply(cls, *args):
+        if _C._are_functorch_transforms_active():
+            return super().apply(*args)
+        return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))
 
 
 def _empty_grad_x(z: torch.Tensor) -> torch.Tensor:
@@ -115,7 +128,7 @@ def _conv_tangent(x, w, dx, dw, algo):
     )
 
 
-class _GlobalFunction(torch.autograd.Function):
+class _GlobalFunction(_OpFunction):
     """``hyperzzw_global``: backward by its compiled backward op, tangents by itself."""
 
     generate_vmap_rule = True
@@ -143,7 +156,7 @@ class _GlobalFunction(torch.autograd.Function):
         return _global_tangent(k, z, x, dk, dz, dx, ctx.mode)
 
 
-class _GlobalBackwardFunction(torch.autograd.Function):
+class _GlobalBackwardFunction(_OpFunction):
     """``hyperzzw_global_backward``: its derivatives, both modes, from the ops."""
 
     generate_vmap_rule = True
@@ -212,7 +225,7 @@ class _GlobalBackwardFunction(torch.autograd.Function):
         return d_k, d_z, d_u
 
 
-class _ConvFunction(torch.autograd.Function):
+class _ConvFunction(_OpFunction):
     """``hyperkernel_conv``: backward by its compiled backward op, tangents by itself."""
 
     generate_vmap_rule = True
@@ -241,7 +254,7 @@ class _ConvFunction(torch.autograd.Function):
         return _conv_tangent(x, w, dx, dw, ctx.algo)
 
 
-class _ConvBackwardFunction(torch.autograd.Function):
+class _ConvBackwardFunction(_OpFunction):
     """``hyperkernel_conv_backward``: its derivatives, both modes, from the ops."""
 
     generate_vmap_rule = True

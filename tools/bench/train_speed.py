@@ -70,7 +70,8 @@ def _model_and_batch(preset: str, batch: int, path: str, seed: int):
 
 
 def _steps(preset: str, batch: int, path: str, seed: int):
-    """(train_step, eval_step) closures for one model."""
+    """(train_step, eval_step) closures for one model; each switches the model's mode only
+    when it is in the other one, as the training loop sets it once per epoch."""
     import torch
     import torch.nn.functional as F
 
@@ -83,7 +84,6 @@ def _steps(preset: str, batch: int, path: str, seed: int):
         opt = torch.optim.Adam(model.parameters(), lr=2e-3)
 
         def train():
-            model.train()
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(net(x), y).backward()
             opt.step()
@@ -91,18 +91,24 @@ def _steps(preset: str, batch: int, path: str, seed: int):
         opt, objective = Kar3(model.parameters(), lr=1e-3), TerminatorLoss()
 
         def train():
-            model.train()
             opt.zero_grad(set_to_none=True)
             logits, kernels = net(x, return_kernels=True)
             objective(model, logits, y, kernels).total.backward()
             opt.step()
 
     def infer():
-        model.eval()
         with torch.no_grad():
             net(x)
 
-    return train, infer
+    def in_mode(step, training: bool):
+        def step_in_mode():
+            if model.training != training:
+                model.train(training)
+            step()
+
+        return step_in_mode
+
+    return in_mode(train, True), in_mode(infer, False)
 
 
 def _timed(fn, warmup: int, steps: int) -> tuple[list[float], float]:
