@@ -174,6 +174,22 @@ def test_local_kernel_matches_its_composition(dtype, data_dim, spatial, kernel, 
 
 
 @requires_compiled
+def test_local_kernel_differentiates_coordinates_that_require_grad():
+    net = _local_kernel_args(1, (20,), 5, 3, "sample")
+    u = _randn(2, 3, 20).requires_grad_()
+    context = net.context.weights(net.renorm_alpha, net.renorm_beta)
+    coords = net.magnet.coords.clone().requires_grad_()
+    magnet = net.magnet.weights()._replace(coords=coords)
+
+    def fn(u, coords):
+        return ops.local_kernel(u, (5,), magnet._replace(coords=coords), context)
+
+    _compare(fn, [u, coords], torch.float64)
+    g_coords = torch.autograd.grad(ops.local_kernel(u, (5,), magnet, context).square().sum(), coords)[0]
+    assert g_coords.abs().max() > 0
+
+
+@requires_compiled
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("spatial", [(40,), (5, 7)])
 @pytest.mark.parametrize("has_x,has_ks", [(False, False), (True, True), (False, True)])

@@ -259,7 +259,8 @@ def local_kernel(
         context_weights.reduce_w,
         context_weights.alpha,
     ]
-    if _fused(*tensors) and u.numel():
+    # The fused op differentiates the weights, not the coordinates (a buffer in SlowNetL).
+    if _fused(*tensors) and u.numel() and not magnet_weights.coords.requires_grad:
         return _network.local_kernel(u, kernel_size, batch_context, magnet_weights, context_weights)
     return reference.local_kernel(u, kernel_size, magnet_weights, context_weights, batch_context)
 
