@@ -142,13 +142,13 @@ void standardize_backward_impl(const at::Tensor& gy_, const at::Tensor& x_,
         const T* gr = gy + r * N;
         T* g = gx + r * N;
         const T m = stats[r], rstd = stats[B * C + r];
-        T sg = 0;
+        double sg = 0;  // the bias's gradient sums every value of gy: float32 rows lose digits
 #pragma omp simd reduction(+ : sg)
         for (int64_t n = 0; n < N; ++n) {
           xhat[n] = (xr[n] - m) * rstd;
-          sg += gr[n];
+          sg += double(gr[n]);
         }
-        acc[2 * C] += double(sg);
+        acc[2 * C] += sg;
         if (gelu_act) {
           map_row(N, g, gr, xhat.data(), [](auto gv, auto xv) { return gv * gelu_grad(xv); });
         } else {
