@@ -37,7 +37,8 @@ _lib = None  # the torch.library.Library holding this file's registrations
 class _OpFunction(torch.autograd.Function):
     """An autograd.Function whose ``apply`` skips, outside torch.func transforms, what
     ``Function.apply`` does for them: binding the arguments to ``forward``'s signature with
-    ``inspect`` on every call (every argument here is positional, none has a default)."""
+    ``inspect`` on every call (every argument here is positional, none has a default).
+    _network.py's ``_ReverseModeFunction`` skips it always: transforms never reach those."""
 
     @classmethod
     def apply(cls, *args):

@@ -228,11 +228,16 @@ def _run_worker(args, preset: str, path: str) -> dict | str:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _pooled_median(rounds: list[list[float]]) -> float:
+    """The median of every step of every round."""
+    return statistics.median([t for r in rounds for t in r])
+
+
 def _ratio(times: dict, preset: str, mode: str, ours: str, other: str):
     """Median time ratio other/ours and the range of the per-round ratios."""
     a, b = times[preset][ours][mode], times[preset][other][mode]
     per_round = [statistics.median(y) / statistics.median(x) for x, y in zip(a, b)]
-    whole = statistics.median([t for r in b for t in r]) / statistics.median([t for r in a for t in r])
+    whole = _pooled_median(b) / _pooled_median(a)
     return whole, min(per_round), max(per_round)
 
 
@@ -250,10 +255,9 @@ def report(result: dict) -> list[str]:
             f"  {'path':<19} {'train ms':>9} {'samples/s':>10} {'eval ms':>9} {'samples/s':>10}"
             f" {'train vs ours':>14}  first step (s)"
         )
-        ours_train = statistics.median([t for r in paths["ours"]["train"] for t in r]) if "ours" in paths else None
+        ours_train = _pooled_median(paths["ours"]["train"]) if "ours" in paths else None
         for path, data in paths.items():
-            tr = statistics.median([t for r in data["train"] for t in r])
-            ev = statistics.median([t for r in data["eval"] for t in r])
+            tr, ev = _pooled_median(data["train"]), _pooled_median(data["eval"])
             rel = f"{tr / ours_train:13.2f}x" if ours_train else ""
             lines.append(
                 f"  {path:<19} {tr * 1e3:9.1f} {batch / tr:10.0f} {ev * 1e3:9.1f} {batch / ev:10.0f}"
@@ -362,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(report(result)))
     if args.profile:
         reference = times.get(presets[0], {}).get("reference")
-        reference_ms = statistics.median([t for r in reference["train"] for t in r]) * 1e3 if reference else None
+        reference_ms = _pooled_median(reference["train"]) * 1e3 if reference else None
         result["profile"] = profile(presets[0], _batch(args, presets[0]), args.threads, args.top, reference_ms)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
